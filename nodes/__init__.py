@@ -1,0 +1,19 @@
+"""ComfyUI nodes of the pack (V3 schema). Thin: inputs, validation, calls into motion_core."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..motion_core import comfy_folders
+from .motion_module_nodes import LoadAnimateDiffMotionModule  # noqa: F401
+
+comfy_folders.register()
+
+
+class MotionCloneExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadAnimateDiffMotionModule]
+
+
+async def comfy_entrypoint() -> MotionCloneExtension:
+    return MotionCloneExtension()

@@ -1,0 +1,41 @@
+"""Test bootstrap: a real ComfyUI host on the CPU and this pack imported as `motionclone`.
+
+The host is COMFYUI_PATH (scripts/dev.py sets it to .dev/ComfyUI by default). It is
+appended to sys.path, as ComfyUI has top-level `nodes`, `utils` and `server` modules; the
+repo root is kept off sys.path because our `nodes/` package would shadow ComfyUI's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".dev" / "ComfyUI").resolve()
+if not (COMFYUI_PATH / "comfy").is_dir():
+    raise RuntimeError(f"No ComfyUI at {COMFYUI_PATH}: run `python3 scripts/dev.py test` or set COMFYUI_PATH")
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+if str(COMFYUI_PATH) not in sys.path:
+    sys.path.append(str(COMFYUI_PATH))
+sys.path.append(str(Path(__file__).resolve().parent))  # tests/ helpers (fixtures_*.py)
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True  # before comfy.model_management is imported anywhere
+import comfy.model_management  # noqa: E402,F401
+
+
+def _import_pack():
+    spec = importlib.util.spec_from_file_location(
+        "motionclone", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["motionclone"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+motionclone = _import_pack()
