@@ -22,7 +22,7 @@ import torch
 
 from .attention_capture import CaptureState, TemporalAttnProcessor, check_plain_temporal_attention
 from .motion_module import MotionModuleError, MotionModuleInfo
-from .unet_layout import MotionSlot, motion_slots
+from .unet_layout import MOTION_MODULE_CHILD, MotionSlot, motion_slots, original_layers
 
 CAPTURE_KEY = "motionclone_capture"  # transformer_options entry holding a CaptureState
 INFO_KEY = "motionclone_motion_module"  # transformer_options entry: MotionModuleInfo + layer names
@@ -110,11 +110,10 @@ def apply_motion_modules(model, adapter, info: MotionModuleInfo, attention_layer
     """A clone of `model` (ComfyUI ModelPatcher) running `adapter`'s motion modules."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
 
-    patched = model.clone()
-    unet = patched.get_model_object("diffusion_model")
-    if any(isinstance(m, MotionModuleLayer) for m in unet.modules()):
+    if INFO_KEY in model.model_options["transformer_options"]:
         raise MotionModuleError("this MODEL already has motion modules applied")
-    slots = motion_slots(unet)
+    patched = model.clone()
+    slots = motion_slots(patched.get_model_object("diffusion_model"))
     _check_fit(slots, adapter, info)
     by_block: dict[str, list[MotionSlot]] = defaultdict(list)
     for slot in slots:
@@ -122,15 +121,15 @@ def apply_motion_modules(model, adapter, info: MotionModuleInfo, attention_layer
             by_block[slot.block_path].append(slot)
     for path, block_slots in by_block.items():
         (slot,) = block_slots  # AnimateDiff places one motion module per block
-        original = patched.get_model_object(f"diffusion_model.{path}")
+        original = original_layers(patched.get_model_object(f"diffusion_model.{path}"))
         layer = MotionModuleLayer(_adapter_module(adapter, slot.diffusers_name), slot.diffusers_name, info.max_frames)
         block = TimestepEmbedSequential()
-        for i, child in enumerate(original):
+        for i, (name, child) in enumerate(original):
             if i == slot.insert_at:
-                block.add_module("motion_module", layer)
-            block.add_module(str(i), child)  # same names: weight patches keep their keys
+                block.add_module(MOTION_MODULE_CHILD, layer)
+            block.add_module(name, child)  # same names: weight patches keep their keys
         if slot.insert_at == len(original):
-            block.add_module("motion_module", layer)
+            block.add_module(MOTION_MODULE_CHILD, layer)
         patched.add_object_patch(f"diffusion_model.{path}", block)
     patched.set_model_forward_timestep_embed_patch((MotionModuleLayer, _run_motion_module))
     options: dict[str, Any] = patched.model_options["transformer_options"]
