@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from ..motion_core import comfy_folders
+from .checkpoint_nodes import LoadCompactCheckpoint
 from .motion_module_nodes import LoadAnimateDiffMotionModule  # noqa: F401
 
 comfy_folders.register()
@@ -12,7 +13,7 @@ comfy_folders.register()
 
 class MotionCloneExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadAnimateDiffMotionModule]
+        return [LoadAnimateDiffMotionModule, LoadCompactCheckpoint]
 
 
 async def comfy_entrypoint() -> MotionCloneExtension:
