@@ -1,0 +1,197 @@
+"""The sparse motion representation ("MOTION"): top-k temporal-attention entries per guided layer.
+
+Per layer the stored pair is `values` (fp16) and `indices` (uint8), both [S, heads, F, k]:
+S spatial positions (times videos), attention heads, F query frames, k kept key frames.
+Plain torch + safetensors; no ComfyUI imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT_NAME = "motionclone.sparse_motion"
+FORMAT_VERSION = 1
+MAX_FRAMES = 256  # indices are stored as uint8
+
+
+class MotionMismatchError(ValueError):
+    """A MOTION does not fit the latent / model it is applied to."""
+
+
+class MotionFileError(ValueError):
+    """A file is not a (readable) MOTION file."""
+
+
+@dataclass
+class SparseMotion:
+    values: dict[str, torch.Tensor]
+    indices: dict[str, torch.Tensor]
+    frames: int
+    latent_height: int
+    latent_width: int
+    layers: list[str]
+    timestep: int
+    top_k: int
+    model_fingerprint: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = list(self.layers)
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"MOTION layer names repeat: {self.layers}")
+        if set(self.values) != set(self.layers) or set(self.indices) != set(self.layers):
+            raise ValueError("MOTION values/indices keys must equal its layer list")
+        if not 1 <= self.frames <= MAX_FRAMES:
+            raise ValueError(f"MOTION frames must be in [1, {MAX_FRAMES}], got {self.frames}")
+        for name in self.layers:
+            val, idx = self.values[name], self.indices[name]
+            if val.dtype != torch.float16 or idx.dtype != torch.uint8:
+                raise ValueError(f"MOTION layer {name}: values must be float16 and indices uint8")
+            if val.ndim != 4 or val.shape != idx.shape:
+                raise ValueError(f"MOTION layer {name}: values {tuple(val.shape)} and indices {tuple(idx.shape)} "
+                                 "must both be [S, heads, F, k]")
+            if val.shape[2] != self.frames or val.shape[3] != self.top_k:
+                raise ValueError(f"MOTION layer {name}: shape {tuple(val.shape)} does not match "
+                                 f"frames={self.frames}, top_k={self.top_k}")
+            if idx.numel() and int(idx.max()) >= self.frames:
+                raise ValueError(f"MOTION layer {name}: frame index {int(idx.max())} >= frames={self.frames}")
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_probs(
+        cls,
+        probs: dict[str, torch.Tensor],
+        *,
+        top_k: int = 1,
+        frames: int,
+        latent_height: int,
+        latent_width: int,
+        timestep: int,
+        model_fingerprint: str = "",
+        extra: dict[str, str] | None = None,
+    ) -> SparseMotion:
+        """Keep the top-k entries of each row of attention probabilities [S, heads, F, F] (layer order kept)."""
+        if not probs:
+            raise ValueError("No attention probabilities given: no guided layer was recorded")
+        if frames > MAX_FRAMES:
+            raise ValueError(f"MOTION supports at most {MAX_FRAMES} frames (uint8 indices), got {frames}")
+        if not 1 <= top_k <= frames:
+            raise ValueError(f"top_k must be in [1, frames={frames}], got {top_k}")
+        values, indices = {}, {}
+        for name, p in probs.items():
+            if p.ndim != 4 or p.shape[2] != frames or p.shape[3] != frames:
+                raise ValueError(f"Layer {name}: attention probabilities must be [S, heads, {frames}, {frames}], "
+                                 f"got {tuple(p.shape)}")
+            val, idx = torch.topk(p.detach(), k=top_k, dim=-1)
+            values[name] = val.to(torch.float16).contiguous()
+            indices[name] = idx.to(torch.uint8).contiguous()
+        return cls(values=values, indices=indices, frames=frames, latent_height=latent_height,
+                   latent_width=latent_width, layers=list(probs), timestep=int(timestep), top_k=top_k,
+                   model_fingerprint=model_fingerprint, extra=dict(extra or {}))
+
+    # --- properties ---------------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """S (spatial positions, times videos) per layer."""
+        return {name: int(self.values[name].shape[0]) for name in self.layers}
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (values + indices)."""
+        return sum(t.numel() * t.element_size() for d in (self.values, self.indices) for t in d.values())
+
+    def dense_nbytes(self) -> int:
+        """Bytes the dense fp16 maps [S, heads, F, F] would take."""
+        return sum(v.shape[0] * v.shape[1] * self.frames * self.frames * 2 for v in self.values.values())
+
+    def to(self, device: torch.device | str) -> SparseMotion:
+        return replace(self, values={k: v.to(device) for k, v in self.values.items()},
+                       indices={k: v.to(device) for k, v in self.indices.items()}, extra=dict(self.extra))
+
+    def check_compatible(
+        self, frames: int, latent_height: int, latent_width: int, layers: list[str] | None = None
+    ) -> None:
+        """Raise MotionMismatchError naming what differs; `layers` are the model's guidable layers (None: skip)."""
+        problems = []
+        if frames != self.frames:
+            problems.append(f"MOTION has {self.frames} frames but the latent batch has {frames}")
+        if (latent_height, latent_width) != (self.latent_height, self.latent_width):
+            problems.append(
+                f"MOTION was extracted from {self.latent_height}x{self.latent_width} latents "
+                f"({self.latent_height * 8}x{self.latent_width * 8} px) but the latent is "
+                f"{latent_height}x{latent_width} ({latent_height * 8}x{latent_width * 8} px)"
+            )
+        if layers is not None:
+            missing = [name for name in self.layers if name not in set(layers)]
+            if missing:
+                problems.append(f"MOTION layers not found in the model: {', '.join(missing)}")
+        if problems:
+            raise MotionMismatchError("; ".join(problems))
+
+    # --- file I/O -----------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "layers": self.layers,
+            "frames": self.frames,
+            "latent_height": self.latent_height,
+            "latent_width": self.latent_width,
+            "timestep": self.timestep,
+            "top_k": self.top_k,
+            "model_fingerprint": self.model_fingerprint,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {}
+        for name in self.layers:
+            tensors[f"{name}.values"] = self.values[name].detach().cpu().contiguous()
+            tensors[f"{name}.indices"] = self.indices[name].detach().cpu().contiguous()
+        # safetensors metadata is str->str: the format tag is a plain key, everything else one JSON blob.
+        metadata = {"format": FORMAT_NAME, "format_version": str(self.format_version),
+                    "motion": json.dumps(self._metadata())}
+        save_file(tensors, os.fspath(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> SparseMotion:
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT_NAME:
+                    raise MotionFileError(f"{path} is not a MotionClone motion file (no '{FORMAT_NAME}' tag)")
+                version = int(meta.get("format_version", "0"))
+                if not 1 <= version <= FORMAT_VERSION:
+                    raise MotionFileError(f"{path}: motion format version {version} is not supported "
+                                          f"(this pack reads versions 1..{FORMAT_VERSION})")
+                info = json.loads(meta["motion"])
+                keys = set(f.keys())
+                missing = [k for name in info["layers"] for k in (f"{name}.values", f"{name}.indices")
+                           if k not in keys]
+                if missing:
+                    raise MotionFileError(f"{path}: motion file lacks tensors {missing}")
+                values = {n: f.get_tensor(f"{n}.values").to(device) for n in info["layers"]}
+                indices = {n: f.get_tensor(f"{n}.indices").to(device) for n in info["layers"]}
+        except MotionFileError:
+            raise
+        except SafetensorError as e:
+            raise MotionFileError(f"{path} is not a MotionClone motion file (not a readable safetensors file: {e})"
+                                  ) from e
+        except (KeyError, ValueError, TypeError) as e:  # ValueError covers JSONDecodeError
+            raise MotionFileError(f"{path}: motion metadata is damaged ({e!r})") from e
+        try:
+            return cls(values=values, indices=indices, frames=int(info["frames"]),
+                       latent_height=int(info["latent_height"]), latent_width=int(info["latent_width"]),
+                       layers=list(info["layers"]), timestep=int(info["timestep"]), top_k=int(info["top_k"]),
+                       model_fingerprint=str(info.get("model_fingerprint", "")), format_version=version,
+                       extra={str(k): str(v) for k, v in info.get("extra", {}).items()})
+        except (KeyError, ValueError) as e:
+            raise MotionFileError(f"{path}: invalid motion file: {e}") from e
