@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Demo run: a headless ComfyUI with this pack, the smoke workflow, saved frames printed.
+
+Run it as `python3 scripts/dev.py demo` (sets up the venv and COMFYUI_PATH first).
+Uses a persistent base directory (default .dev/demo: custom_nodes link, models, output,
+comfyui.log) so the host's own folders are untouched; the tiny model files the workflow
+loads are generated there once (random weights: the frames are noise-like, the point is
+the whole graph running through the real server). Exit code 0 on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from comfy_client import (  # noqa: E402
+    ComfyError,
+    LocalComfyServer,
+    ProgressPrinter,
+    ServerStartError,
+    load_workflow,
+    prepare_base_dir,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "motionclone"  # the name tests/conftest.py imports the pack under
+SMOKE_WORKFLOW = ROOT / "workflows" / "motionclone_smoke_api.json"
+DEMO_BASE = ROOT / ".dev" / "demo"
+
+# Loader class -> (file input, ComfyUI model folder, pack module, writer of a tiny file).
+TINY_MODEL_WRITERS: dict[str, tuple[str, str, str, str]] = {
+    "MotionCloneCompactCheckpointLoader": (
+        "ckpt_name",
+        "checkpoints",
+        "motion_core.compact_checkpoint",
+        "write_tiny_checkpoint",
+    ),
+    "LoadAnimateDiffMotionModule": (
+        "model_name",
+        "animatediff_models",
+        "motion_core.tiny_models",
+        "write_tiny_motion_module",
+    ),
+}
+
+
+def comfyui_path() -> Path:
+    return Path(os.environ.get("COMFYUI_PATH") or ROOT / ".dev" / "ComfyUI").resolve()
+
+
+def ensure_pack_importable(comfyui: Path) -> str:
+    """Make `motionclone.motion_core` importable here (ComfyUI on sys.path, CPU mode); returns the package name.
+
+    Only the package shell is created, not its `__init__` (the node registration is the
+    server's business); in the tests conftest has already imported the full pack.
+    """
+    if PACKAGE not in sys.modules:
+        if str(comfyui) not in sys.path:
+            sys.path.append(str(comfyui))
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+        shell = types.ModuleType(PACKAGE)
+        shell.__path__ = [str(ROOT)]
+        sys.modules[PACKAGE] = shell
+    return PACKAGE
+
+
+def tiny_model_files(prompt: dict[str, Any]) -> list[tuple[str, str, Callable[..., Any]]]:
+    """(model folder, filename, writer) for each loader in `prompt` that has a tiny-model writer."""
+    files = []
+    for node in prompt.values():
+        spec = TINY_MODEL_WRITERS.get(node["class_type"])
+        if spec is None:
+            continue
+        input_name, folder, module, func = spec
+
+        def writer(path: Path, *, seed: int = 0, _m: str = module, _f: str = func) -> Any:
+            return getattr(importlib.import_module(f"{PACKAGE}.{_m}"), _f)(path, seed=seed)
+
+        files.append((folder, node["inputs"][input_name], writer))
+    return files
+
+
+def write_tiny_models(
+    models_dir: Path, prompt: dict[str, Any], *, seed: int = 0, overwrite: bool = False
+) -> list[Path]:
+    """Write the tiny model files `prompt` loads into `models_dir/<folder>/` (missing ones only)."""
+    written = []
+    for folder, filename, writer in tiny_model_files(prompt):
+        path = models_dir / folder / filename
+        if path.exists() and not overwrite:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written under a temporary name (same suffix: it picks the format), so an interrupted
+        # write never leaves a file that a later run would take as complete.
+        tmp = path.with_name(f"{path.stem}.part{path.suffix}")
+        writer(tmp, seed=seed)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Run the MotionClone smoke/demo workflow on a headless ComfyUI.")
+    p.add_argument("--workflow", type=Path, default=SMOKE_WORKFLOW, help="API-format workflow (default: smoke)")
+    p.add_argument("--base-dir", type=Path, default=DEMO_BASE, help="ComfyUI base directory (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the run (default %(default)s)")
+    p.add_argument("--fresh-models", action="store_true", help="rewrite the tiny model files even if they exist")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of the server; 0 = torch's default (all cores). Default 1: the tiny smoke "
+        "models gain nothing from more, and on a busy machine extra threads slow sampling down many times",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    comfyui = comfyui_path()
+    prompt = load_workflow(args.workflow)
+    base = prepare_base_dir(args.base_dir, ROOT)
+    if tiny_model_files(prompt):
+        ensure_pack_importable(comfyui)
+        for path in write_tiny_models(base / "models", prompt, overwrite=args.fresh_models):
+            print(f"wrote tiny model {path}")
+    t0 = time.monotonic()
+    print(f"starting ComfyUI ({comfyui}) with base directory {base}")
+    try:
+        with LocalComfyServer(comfyui, base, threads=args.threads or None) as server:
+            print(f"server ready at {server.url} in {time.monotonic() - t0:.1f} s (log: {server.log_path})")
+            errors = server.import_errors()
+            if errors:
+                print("error: the pack failed to import:\n" + "\n".join(errors), file=sys.stderr)
+                return 1
+            info = server.client.object_info()
+            missing = sorted({n["class_type"] for n in prompt.values()} - info.keys())
+            if missing:
+                print(f"error: the server has no node(s) {', '.join(missing)}", file=sys.stderr)
+                return 1
+            t1 = time.monotonic()
+            prompt_id = server.client.queue(prompt)
+            print(f"queued {args.workflow.name} as {prompt_id}")
+            result = server.client.wait(
+                prompt_id, args.timeout, on_event=ProgressPrinter(prompt), folders=server.folders
+            )
+            if not result.ok:
+                print(result.failure_report(), file=sys.stderr)
+                return 1
+            print(f"run finished in {time.monotonic() - t1:.1f} s; {len(result.paths)} file(s) saved:")
+            for path in result.paths:
+                print(f"  {path}")
+    except (ServerStartError, ComfyError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
