@@ -6,14 +6,31 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..motion_core import comfy_folders
 from .checkpoint_nodes import LoadCompactCheckpoint
-from .motion_module_nodes import LoadAnimateDiffMotionModule  # noqa: F401
+from .motion_module_nodes import LoadAnimateDiffMotionModule
+from .motion_nodes import (
+    ExtractSparseMotion,
+    LoadMotion,
+    MotionCloneGuider,
+    MotionCloneUnevenSchedule,
+    MotionGuidedSampler,
+    SaveMotion,
+)
 
 comfy_folders.register()
 
 
 class MotionCloneExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadAnimateDiffMotionModule, LoadCompactCheckpoint]
+        return [
+            LoadAnimateDiffMotionModule,
+            LoadCompactCheckpoint,
+            ExtractSparseMotion,
+            MotionGuidedSampler,
+            MotionCloneGuider,
+            MotionCloneUnevenSchedule,
+            SaveMotion,
+            LoadMotion,
+        ]
 
 
 async def comfy_entrypoint() -> MotionCloneExtension:

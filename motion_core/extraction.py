@@ -1,0 +1,69 @@
+"""Extract the sparse motion of a reference video (MotionClone's representation).
+
+Reference latents are noised once at training timestep t (default 400) with the seed's
+noise, the UNet runs once with the (empty-prompt) conditioning, and the temporal
+attention probabilities of the chosen layers are recorded; the forward stops right after
+the last of them. Top-k of each row is kept (SparseMotion).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from .attention_capture import CaptureState, StopForward
+from .injection import CAPTURE_KEY, INFO_KEY
+from .sparse_motion import SparseMotion
+
+
+def model_fingerprint(model) -> str:
+    """Identity of the motion module a MOTION was made with (file name, layout)."""
+    info = model.model_options["transformer_options"][INFO_KEY]["info"]
+    blob = json.dumps([info.name, list(info.block_out_channels), info.max_frames, info.has_mid_block])
+    return f"{info.name}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def extract_sparse_motion(
+    model,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    layers: list[str],
+    *,
+    timestep: int = 400,
+    seed: int = 0,
+    top_k: int = 1,
+) -> SparseMotion:
+    """`latents`: reference latents [F, C, h, w] as the VAE gives them (unscaled);
+    `context`: cross-attention conditioning [1, tokens, dim]."""
+    import comfy.model_management
+    import comfy.sample
+
+    frames, _, height, width = latents.shape
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    device = model.load_device
+    x0 = base.process_latent_in(latents.float())
+    # Same noise as the generation's initial noise for this seed and shape (reference setup).
+    noise = comfy.sample.prepare_noise(latents, seed)
+    sigma = base.model_sampling.sigma(torch.tensor([float(timestep)]))
+    x = (x0 + noise * sigma).to(device)
+    state = CaptureState(layers, stop_after_last=True)
+    options = {**model.model_options["transformer_options"], "cond_or_uncond": [0], CAPTURE_KEY: state}
+    with torch.no_grad():
+        try:
+            base.apply_model(
+                x, sigma.expand(frames).to(device),
+                c_crossattn=context.to(device).expand(frames, -1, -1), transformer_options=options,
+            )
+        except StopForward:
+            pass
+    if not state.complete:
+        missing = [name for name in layers if name not in state.probs]
+        raise RuntimeError(f"temporal attention layers were not reached in the forward: {missing}")
+    return SparseMotion.from_probs(
+        {name: state.probs[name].float().cpu() for name in layers},
+        top_k=top_k, frames=frames, latent_height=height, latent_width=width,
+        timestep=int(timestep), model_fingerprint=model_fingerprint(model),
+    )

@@ -1,0 +1,179 @@
+"""MotionClone guidance wired into ComfyUI's sampler graph.
+
+`MotionGuidance.patch(model)` returns a ModelPatcher clone with
+
+* a CALC_COND_BATCH wrapper: on a guided step the unconditional branch runs without
+  grad; the conditional branch runs with grad on a leaf copy of the latent and records
+  the temporal-attention probabilities of the MOTION's layers. As soon as the last of
+  them is recorded the loss L = w * ramp(i) * sum_l MSE(...) is differentiated w.r.t.
+  the latent and grad is switched off for the rest of that same forward, so the
+  conditional forward that builds the graph also supplies the noise prediction and the
+  blocks after the last guided layer run without grad (as in the reference code);
+* a post-CFG function applying the sampler-agnostic update D' = D - lambda * dL/dz_t to
+  the CFG-combined denoised prediction (docs/guidance.md; exactly the reference DDIM
+  step for ComfyUI's `ddim`/`euler` samplers);
+* weight wrappers that give autograd normal copies of weights created under ComfyUI's
+  `torch.inference_mode()` (only when the weights are inference tensors, only while grad
+  is on).
+
+Nothing is mutated on the input MODEL; the state lives in this object, reset per run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .attention_capture import CaptureState
+from .guidance import denoised_correction_scale, motion_loss, ramp_scale
+from .injection import CAPTURE_KEY, INFO_KEY
+from .sparse_motion import SparseMotion
+
+WRAPPER_KEY = "motionclone_guidance"
+
+
+def attention_layers_of(model) -> list[str]:
+    """Temporal attention layer names of a MODEL with motion modules (else a clear error)."""
+    entry = model.model_options["transformer_options"].get(INFO_KEY)
+    if entry is None:
+        raise ValueError("this MODEL has no motion modules: apply 'Load AnimateDiff Motion Module' to it first")
+    return list(entry["attention_layers"])
+
+
+def select_layers(available: list[str], selection: str) -> list[str]:
+    """Layers whose names start with one of the comma-separated prefixes (e.g. 'up_blocks.1')."""
+    prefixes = [p.strip().rstrip(".") for p in selection.split(",") if p.strip()]
+    chosen = [name for name in available if any(name == p or name.startswith(p + ".") for p in prefixes)]
+    if not chosen:
+        raise ValueError(f"no temporal attention layer matches {selection!r}; e.g. 'up_blocks.1' or 'down_blocks.2'")
+    return chosen
+
+
+@dataclass
+class GuidanceSettings:
+    weight: float = 2000.0
+    guided_steps: int = 0  # > 0: the first N steps; 0: every step with timestep >= (1 - r) * 1000
+    noisy_fraction: float = 0.4  # r
+    warmup: int = 10
+    cooldown: int = 10
+
+
+def _grad_safe(weight: torch.Tensor) -> torch.Tensor:
+    # Weights loaded inside ComfyUI's inference_mode cannot be saved for backward.
+    if weight.is_inference() and torch.is_grad_enabled():
+        return weight.clone()
+    return weight
+
+
+class MotionGuidance:
+    def __init__(self, motion: SparseMotion, settings: GuidanceSettings) -> None:
+        self.motion = motion
+        self.settings = settings
+        self._grads: dict[float, torch.Tensor] = {}  # sigma -> dL/dz_t awaiting the post-CFG step
+        self.losses: list[tuple[int, float]] = []  # (step, unweighted motion loss), for tests/benchmarks
+
+    # --- schedule -----------------------------------------------------------------
+    def _step_info(self, sigma: float, model_options: dict, model_sampling) -> tuple[int, int, float] | None:
+        """(step index, number of guided steps, next sigma) if this sigma is guided."""
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is None:
+            return None
+        sigmas = [float(s) for s in sigmas]
+        same = [i for i in range(len(sigmas) - 1) if math.isclose(sigmas[i], sigma, rel_tol=1e-5)]
+        # Second-order samplers also evaluate between two sigmas: that belongs to the step above.
+        above = [i for i in range(len(sigmas) - 1) if sigmas[i] > sigma]
+        step = same[0] if same else (above[-1] if above else 0)
+        if self.settings.guided_steps > 0:
+            guided = min(self.settings.guided_steps, len(sigmas) - 1)
+        else:
+            t_min = (1.0 - self.settings.noisy_fraction) * 1000.0
+            ts = model_sampling.timestep(torch.tensor(sigmas[:-1])).tolist()
+            guided = sum(1 for t in ts if t >= t_min - 1e-3)
+        if step >= guided:
+            return None
+        return step, guided, sigmas[step + 1]
+
+    # --- ComfyUI hooks --------------------------------------------------------------
+    def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        sigma = float(timestep.flatten()[0])
+        info = self._step_info(sigma, model_options, model.model_sampling)
+        if info is None or self.settings.weight == 0 or conds[0] is None:
+            return executor(model, conds, x_in, timestep, model_options)
+        step, guided, _ = info
+        uncond_out = None
+        if len(conds) > 1 and conds[1] is not None:
+            with torch.no_grad():
+                uncond_out = executor(model, [None, conds[1]], x_in, timestep, model_options)[1]
+        scale = self.settings.weight * ramp_scale(step, guided, self.settings.warmup, self.settings.cooldown)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x_in.detach().clone().requires_grad_(True)
+            holder: dict[str, torch.Tensor] = {}
+
+            def on_layer(name: str, probs: torch.Tensor) -> None:
+                if not state.complete:
+                    return
+                loss = self._loss(state.probs)
+                self.losses.append((step, float(loss.detach())))
+                (grad_x,) = torch.autograd.grad(loss * scale, x)
+                # dL/dz_t: the model sees z_t = x / sqrt(1 + sigma^2)
+                holder["grad"] = grad_x * math.sqrt(1.0 + sigma * sigma)
+                state.probs.clear()
+                torch.set_grad_enabled(False)  # the rest of this forward: prediction only
+
+            state = CaptureState(self.motion.layers, on_layer=on_layer)
+            options = dict(model_options)
+            options["transformer_options"] = {**model_options.get("transformer_options", {}), CAPTURE_KEY: state}
+            cond_out = executor(model, [conds[0], None], x, timestep, options)[0].detach()
+        if "grad" not in holder:
+            raise RuntimeError(f"MOTION layers {self.motion.layers} were not all seen in the model's forward")
+        self._grads[sigma] = holder["grad"].detach()
+        return [cond_out, uncond_out if uncond_out is not None else torch.zeros_like(cond_out)]
+
+    def _loss(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Several positive conds in one forward stack their chunks along positions.
+        first = self.motion.layers[0]
+        chunks = probs[first].shape[0] // self.motion.values[first].shape[0]
+        per_chunk = [
+            motion_loss({k: v.reshape(chunks, -1, *v.shape[1:])[c] for k, v in probs.items()}, self.motion)
+            for c in range(chunks)
+        ]
+        return torch.stack(per_chunk).mean()
+
+    def _post_cfg(self, args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        sigma = float(args["sigma"].flatten()[0])
+        grad = self._grads.pop(sigma, None)
+        if grad is None:
+            return denoised
+        model_options = args["model_options"]
+        info = self._step_info(sigma, model_options, args["model"].model_sampling)
+        if info is None:
+            return denoised
+        lam = denoised_correction_scale(sigma, info[2])
+        return denoised - lam * grad.to(denoised)
+
+    def _reset(self, executor, *args, **kwargs):
+        self._grads.clear()
+        self.losses.clear()
+        return executor(*args, **kwargs)
+
+    def patch(self, model):
+        """A clone of `model` that applies this guidance when sampled."""
+        import comfy.patcher_extension as pe
+
+        attention_layers_of(model)  # clear error if there are no motion modules
+        patched = model.clone()
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self._reset)
+        patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
+        patched.set_model_sampler_post_cfg_function(self._post_cfg)
+        unet = patched.model.diffusion_model
+        if any(p.is_inference() for p in unet.parameters()):
+            for name, module in unet.named_modules():
+                if not hasattr(module, "comfy_cast_weights"):
+                    continue
+                for kind in ("weight", "bias"):
+                    if getattr(module, kind, None) is not None:
+                        patched.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _grad_safe)
+        return patched

@@ -1,0 +1,250 @@
+"""MotionClone nodes: extract a sparse MOTION, sample guided by it, save/load it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from comfy_api.latest import io
+
+from ..motion_core.extraction import extract_sparse_motion, model_fingerprint
+from ..motion_core.guided_sampling import GuidanceSettings, MotionGuidance, attention_layers_of, select_layers
+from ..motion_core.schedule import uneven_timesteps
+from ..motion_core.sparse_motion import SparseMotion
+
+Motion = io.Custom("MOTION")
+MOTION_SUFFIX = ".motion.safetensors"
+
+
+def _guidance_inputs() -> list:
+    return [
+        Motion.Input("motion", tooltip="Sparse motion from Extract Sparse Motion or Load Motion."),
+        io.Float.Input("guidance_weight", default=2000.0, min=0.0, max=1e6, step=10.0,
+                       tooltip="w in L = w * sum of MSE. 0 disables guidance (output equals KSampler's)."),
+        io.Int.Input("guided_steps", default=0, min=0, max=10000,
+                     tooltip="Guide the first N steps; 0 = every step whose timestep is >= (1 - r) * 1000."),
+        io.Float.Input("noisy_fraction", default=0.4, min=0.01, max=1.0, step=0.01,
+                       tooltip="r: the noisy part of the trajectory that is guided when guided_steps is 0."),
+        io.Int.Input("warmup", default=10, min=0, max=1000, tooltip="Guided steps over which the loss ramps up."),
+        io.Int.Input("cooldown", default=10, min=0, max=1000, tooltip="Last guided steps over which it ramps down."),
+    ]
+
+
+def _guided_model(model, latent, motion: SparseMotion, weight, guided_steps, noisy_fraction, warmup, cooldown):
+    samples = latent["samples"]
+    motion.check_compatible(samples.shape[0], samples.shape[-2], samples.shape[-1], attention_layers_of(model))
+    if motion.model_fingerprint and motion.model_fingerprint != model_fingerprint(model):
+        logging.warning("MotionClone: MOTION was extracted with %s, sampling with %s",
+                        motion.model_fingerprint, model_fingerprint(model))
+    settings = GuidanceSettings(weight, guided_steps, noisy_fraction, warmup, cooldown)
+    return MotionGuidance(motion, settings).patch(model)
+
+
+class ExtractSparseMotion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ExtractSparseMotion",
+            display_name="Extract Sparse Motion",
+            category="MotionClone",
+            description="Records the reference video's temporal attention at one noisy timestep and keeps the "
+                        "top-k entries of each row: MotionClone's motion representation.",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL with AnimateDiff motion modules."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes the reference frames (not needed for a LATENT)."),
+                io.Image.Input("images", optional=True, tooltip="Reference frames [F,H,W,3], at the output size."),
+                io.Latent.Input("latent", optional=True, tooltip="Reference latents instead of images."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Defaults to the empty prompt (needs clip)."),
+                io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt when no positive."),
+                io.Int.Input("timestep", default=400, min=1, max=999, tooltip="Training timestep of the noising."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; use the sampler's seed to match the reference setup."),
+                io.Int.Input("top_k", default=1, min=1, max=16),
+                io.String.Input("layers", default="up_blocks.1",
+                                tooltip="Comma-separated diffusers block prefixes of the guided temporal attention."),
+            ],
+            outputs=[Motion.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, timestep, seed, top_k, layers, vae=None, images=None, latent=None, positive=None,
+                clip=None) -> io.NodeOutput:
+        chosen = select_layers(attention_layers_of(model), layers)
+        if latent is not None:
+            latents = latent["samples"]
+        elif images is not None:
+            if vae is None:
+                raise ValueError("Extract Sparse Motion: connect a VAE to encode the reference images")
+            latents = vae.encode(images[:, :, :, :3])
+        else:
+            raise ValueError("Extract Sparse Motion: connect reference images (with a VAE) or a latent")
+        if latents.shape[0] < 2:
+            raise ValueError(f"Extract Sparse Motion: a video needs at least 2 frames, got {latents.shape[0]}")
+        if positive is None:
+            if clip is None:
+                raise ValueError("Extract Sparse Motion: connect a positive conditioning, or a CLIP to encode ''")
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        motion = extract_sparse_motion(model, latents, positive[0][0], chosen, timestep=timestep, seed=seed,
+                                       top_k=top_k)
+        return io.NodeOutput(motion)
+
+
+class MotionGuidedSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="MotionGuidedSampler",
+            display_name="Motion Guided Sampler",
+            category="MotionClone",
+            description="KSampler with MotionClone guidance: early steps are pulled toward the MOTION's sparse "
+                        "temporal attention. Use cfg 8.5 and ddim to match the reference setup.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=100, min=1, max=10000),
+                io.Float.Input("cfg", default=8.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="Frames are the batch (e.g. 16)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                *_guidance_inputs(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                motion, guidance_weight, guided_steps, noisy_fraction, warmup, cooldown) -> io.NodeOutput:
+        import nodes
+
+        if guidance_weight != 0:
+            model = _guided_model(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction,
+                                  warmup, cooldown)
+        # KSampler's own code path: same noise, progress bar, previews and interrupt handling.
+        (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                       latent_image, denoise=denoise)
+        return io.NodeOutput(out)
+
+
+class MotionCloneGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionCloneGuider",
+            display_name="MotionClone Guider",
+            category="MotionClone",
+            description="CFG guider with MotionClone guidance, for SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Float.Input("cfg", default=8.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Latent.Input("latent_image", tooltip="Checked against the MOTION's frames and size."),
+                *_guidance_inputs(),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, latent_image, motion, guidance_weight, guided_steps,
+                noisy_fraction, warmup, cooldown) -> io.NodeOutput:
+        import comfy.samplers
+
+        if guidance_weight != 0:
+            model = _guided_model(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction,
+                                  warmup, cooldown)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+class MotionCloneUnevenSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MotionCloneUnevenSchedule",
+            display_name="MotionClone Uneven Schedule",
+            category="MotionClone",
+            description="The reference 'uneven' spacing: guided_steps steps dense over timesteps "
+                        "[(1-r)*1000, 999], the rest over [0, (1-r)*1000). Pair with guided_steps = the same N.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("steps", default=100, min=2, max=10000),
+                io.Int.Input("guided_steps", default=50, min=1, max=10000),
+                io.Float.Input("noisy_fraction", default=0.3, min=0.01, max=0.99, step=0.01),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, steps, guided_steps, noisy_fraction) -> io.NodeOutput:
+        timesteps = torch.tensor(uneven_timesteps(steps, guided_steps, noisy_fraction), dtype=torch.float32)
+        sigmas = model.get_model_object("model_sampling").sigma(timesteps)
+        return io.NodeOutput(torch.cat([sigmas, sigmas.new_zeros([1])]))
+
+
+class SaveMotion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaveMotion",
+            display_name="Save Motion",
+            category="MotionClone",
+            description=f"Saves a MOTION as <prefix>_NNNNN{MOTION_SUFFIX} in the output folder.",
+            inputs=[Motion.Input("motion"), io.String.Input("filename_prefix", default="motionclone/motion")],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, motion: SparseMotion, filename_prefix: str) -> io.NodeOutput:
+        import folder_paths
+
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory()
+        )
+        filename = f"{name}_{counter:05}{MOTION_SUFFIX}"
+        motion.save(os.path.join(folder, filename))
+        return io.NodeOutput(ui={"motion": [{"filename": filename, "subfolder": subfolder, "type": "output"}]})
+
+
+class LoadMotion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths
+
+        root = folder_paths.get_input_directory()
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), root)
+            for d, _, names in os.walk(root, followlinks=True) for f in names if f.endswith(".safetensors")
+        )
+        return io.Schema(
+            node_id="LoadMotion",
+            display_name="Load Motion",
+            category="MotionClone",
+            description="Loads a MOTION .safetensors from the input folder (copy saved motions there).",
+            inputs=[io.Combo.Input("motion_file", options=files)],
+            outputs=[Motion.Output()],
+        )
+
+    @classmethod
+    def execute(cls, motion_file: str) -> io.NodeOutput:
+        import folder_paths
+
+        root = os.path.realpath(folder_paths.get_input_directory())
+        path = os.path.realpath(os.path.join(root, motion_file))
+        if os.path.commonpath([root, path]) != root:
+            raise ValueError(f"Load Motion: {motion_file!r} is outside the input folder")
+        return io.NodeOutput(SparseMotion.load(path))
+
+    @classmethod
+    def fingerprint_inputs(cls, motion_file: str):
+        import folder_paths
+
+        return os.path.getmtime(os.path.join(folder_paths.get_input_directory(), motion_file))
