@@ -10,6 +10,8 @@ import folder_paths
 import pytest
 import safetensors.torch
 import torch
+
+import nodes as comfy_nodes  # ComfyUI's nodes.py (conftest keeps our nodes/ package off sys.path)
 from motionclone.motion_core.compact_checkpoint import (
     ARCHITECTURE_METADATA_KEY,
     TINY_CLIP_CONFIG,
@@ -20,8 +22,6 @@ from motionclone.motion_core.compact_checkpoint import (
     write_tiny_checkpoint,
 )
 from motionclone.nodes.checkpoint_nodes import LoadCompactCheckpoint
-
-import nodes as comfy_nodes  # ComfyUI's nodes.py (conftest keeps our nodes/ package off sys.path)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from motionclone.motion_core.guidance import (
     ddim_reference_step,
     denoised_correction_scale,

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from motionclone.motion_core.attention_capture import CaptureState
 from motionclone.motion_core.extraction import extract_sparse_motion
 from motionclone.motion_core.guidance import ddim_reference_step

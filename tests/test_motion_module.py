@@ -8,6 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import MotionAdapter
+
 from motionclone.motion_core.attention_capture import CaptureState
 from motionclone.motion_core.injection import CAPTURE_KEY, MotionModuleLayer, apply_motion_modules, install_processors
 from motionclone.motion_core.motion_module import (
@@ -205,6 +206,7 @@ def test_loader_node_lists_folder_and_applies(tiny_model, mm_path, tmp_path):
     import shutil
 
     import folder_paths
+
     from motionclone.motion_core.comfy_folders import ANIMATEDIFF_MODELS
     from motionclone.nodes.motion_module_nodes import LoadAnimateDiffMotionModule
 

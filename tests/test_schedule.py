@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler
+
 from motionclone.motion_core.schedule import (
     PRESETS,
     guided_step_count,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from motionclone.motion_core.sparse_motion import MotionFileError, MotionMismatchError, SparseMotion
 from safetensors.torch import save_file
+
+from motionclone.motion_core.sparse_motion import MotionFileError, MotionMismatchError, SparseMotion
 
 LAYERS = [
     "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1",
