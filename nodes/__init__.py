@@ -15,6 +15,7 @@ from .motion_nodes import (
     MotionGuidedSampler,
     SaveMotion,
 )
+from .video_nodes import LoadReferenceVideo
 
 comfy_folders.register()
 
@@ -30,6 +31,7 @@ class MotionCloneExtension(ComfyExtension):
             MotionCloneUnevenSchedule,
             SaveMotion,
             LoadMotion,
+            LoadReferenceVideo,
         ]
 
 
