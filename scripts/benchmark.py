@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Benchmarks (figures, not tests). Run with the dev venv, e.g.
+
+    .dev/venv/bin/python scripts/benchmark.py guidance [--frames 16 --size 32 --steps 8]
+
+`guidance`: on the tiny SD1.5-architecture model with a tiny motion module, the time of a
+guided sampling step over a plain CFG step (KSampler), the peak memory of both (peak RSS of
+a fresh process per mode, above its RSS after loading), and the MOTION's stored size over
+the size of the dense attention maps it summarises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bootstrap() -> None:
+    """Import ComfyUI (COMFYUI_PATH or .dev/ComfyUI) and this pack as `motionclone`, CPU mode."""
+    import importlib.util
+
+    comfy_path = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".dev" / "ComfyUI")
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "scripts")]
+    sys.path.append(str(comfy_path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    spec = importlib.util.spec_from_file_location("motionclone", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["motionclone"] = module
+    spec.loader.exec_module(module)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _guidance_worker(mode: str, frames: int, size: int, steps: int, threads: int) -> dict:
+    _bootstrap()
+    import torch
+
+    torch.set_num_threads(threads)
+    import comfy.sample
+
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guided_sampling import (
+        GuidanceSettings,
+        MotionGuidance,
+        attention_layers_of,
+        select_layers,
+    )
+    from motionclone.motion_core.injection import apply_motion_modules, install_processors
+    from motionclone.motion_core.motion_module import load_motion_adapter
+    from motionclone.motion_core.tiny_models import build_tiny_sd15_model, write_tiny_motion_module
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter, info = load_motion_adapter(write_tiny_motion_module(Path(tmp) / "mm.safetensors", seed=2, std=0.2))
+    model = apply_motion_modules(build_tiny_sd15_model(0), adapter, info, install_processors(adapter))
+    context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
+    ref = torch.randn(frames, 4, size, size, generator=torch.Generator().manual_seed(6))
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    t0 = time.perf_counter()
+    motion = extract_sparse_motion(model, ref, context, layers, seed=0)
+    extract_s = time.perf_counter() - t0
+    if mode == "guided":
+        model = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=steps, warmup=1, cooldown=1)).patch(model)
+    latent = torch.zeros(frames, 4, size, size)
+    pos, neg = [[context, {}]], [[torch.zeros(1, 7, 32), {}]]
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 1), n, 8.5, "ddim", "ddim_uniform", pos, neg,
+                            latent, seed=1, disable_pbar=True)
+        return time.perf_counter() - t
+
+    run(1)  # warm-up: model load, allocator
+    base_rss = _rss_mb()
+    step_s = min(run(steps) for _ in range(2)) / steps
+    return {"mode": mode, "step_s": step_s, "peak_mb_above_load": _rss_mb() - base_rss, "extract_s": extract_s,
+            "motion_bytes": motion.nbytes(), "dense_fp16_bytes": motion.dense_nbytes(), "frames": frames}
+
+
+def bench_guidance(args: argparse.Namespace) -> None:
+    results = {}
+    for mode in ("plain", "guided"):
+        out = subprocess.run(
+            [sys.executable, __file__, "_guidance_worker", mode, str(args.frames), str(args.size), str(args.steps),
+             str(args.threads)], check=True, capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+        results[mode] = json.loads(out)
+    plain, guided = results["plain"], results["guided"]
+    f = plain["frames"]
+    print(f"tiny SD1.5-architecture model, {f} frames, latent {args.size}x{args.size}, ddim, cfg 8.5, "
+          f"{args.threads} thread(s), guided layers up_blocks.1")
+    print(f"extraction (one partial forward):     {plain['extract_s']:.3f} s")
+    print(f"plain CFG step (KSampler):            {plain['step_s'] * 1000:.1f} ms")
+    print(f"guided step:                          {guided['step_s'] * 1000:.1f} ms")
+    print(f"guided / plain step time:             {guided['step_s'] / plain['step_s']:.2f}x  (target <= 2.0x)")
+    print(f"peak RSS above load, plain:           {plain['peak_mb_above_load']:.1f} MB")
+    print(f"peak RSS above load, guided:          {guided['peak_mb_above_load']:.1f} MB")
+    ratio = plain["motion_bytes"] / plain["dense_fp16_bytes"]
+    print(f"MOTION size: {plain['motion_bytes']} B; dense fp16 maps: {plain['dense_fp16_bytes']} B; "
+          f"ratio {ratio:.4f} = {ratio * f:.2f}/F (fp16 value + uint8 index per row vs F fp16 entries); "
+          f"vs dense fp32 maps {ratio / 2:.4f} = {ratio * f / 2:.2f}/F")
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "_guidance_worker":
+        mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
+        print(json.dumps(_guidance_worker(mode, frames, size, steps, threads)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("guidance", help="guided vs plain step time, peak memory, MOTION size")
+    g.add_argument("--frames", type=int, default=16)
+    g.add_argument("--size", type=int, default=32, help="latent side (x8 pixels)")
+    g.add_argument("--steps", type=int, default=6)
+    g.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    {"guidance": bench_guidance}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
