@@ -45,7 +45,10 @@ class MotionModuleLayer(torch.nn.Module):
             )
         param = next(self.module.parameters())
         if param.device != x.device or param.dtype != x.dtype:
-            self.module.to(device=x.device, dtype=x.dtype)  # follow ComfyUI's device/dtype choice
+            # Follow ComfyUI's device/dtype choice; outside inference mode so that the moved
+            # weights stay usable by the guidance's autograd.
+            with torch.inference_mode(False):
+                self.module.to(device=x.device, dtype=x.dtype)
         kwargs = {"motionclone": capture} if capture is not None else None
         return self.module(x, num_frames=frames, cross_attention_kwargs=kwargs)
 

@@ -225,3 +225,15 @@ def test_loader_node_lists_folder_and_applies(tiny_model, mm_path, tmp_path):
     patched = out.result[0]
     assert patched is not tiny_model and patched.object_patches
     assert "forward_timestep_embed_patch" in patched.model_options["transformer_options"]["patches"]
+
+
+def test_dtype_move_inside_inference_mode_keeps_weights_usable_for_autograd(tmp_path):
+    adapter, info = load_motion_adapter(write_tiny_motion_module(tmp_path / "mm.safetensors"))
+    install_processors(adapter)
+    layer = MotionModuleLayer(adapter.up_blocks[1].motion_modules[0], "up_blocks.1.motion_modules.0", 32)
+    with torch.inference_mode():  # as in a ComfyUI prompt, the UNet asks for float64 here
+        layer(torch.randn(4, 128, 2, 2, dtype=torch.float64), frames=4)
+    assert not any(p.is_inference() for p in layer.parameters())
+    x = torch.randn(4, 128, 2, 2, dtype=torch.float64, requires_grad=True)
+    layer(x, frames=4).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
