@@ -111,3 +111,48 @@ def write_tiny_motion_module(
     else:
         torch.save(original, path)
     return path
+
+
+def write_tiny_sparsectrl(
+    path, *, variant: str, seed: int = 0, block_out_channels: tuple[int, ...] = TINY_MOTION_CHANNELS,
+    cross_attention_dim: int = 32, max_frames: int = 32, embedding_channels: tuple[int, ...] = (8, 16, 16, 32),
+    std: float = 0.05,
+):
+    """Write a random AnimateDiff v3 SparseCtrl ("rgb" or "scribble") in the *original* key format.
+
+    Built as diffusers' SparseControlNetModel at the tiny SD1.5 widths (8 heads, motion modules
+    with one attention block, mask channel concatenated; rgb: simplified latent embedding,
+    scribble: 8x-downscaling pixel embedding of `embedding_channels`), then converted back to
+    the keys of `v3_sd15_sparsectrl_*.ckpt`. The zero-initialised output convs are random here
+    so the residuals are not zero.
+    """
+    from diffusers import SparseControlNetModel
+
+    from .sparsectrl import from_diffusers_state_dict
+
+    if variant not in ("rgb", "scribble"):
+        raise ValueError(f"variant must be 'rgb' or 'scribble', got {variant!r}")
+    with torch.inference_mode(False):
+        net = SparseControlNetModel(
+            conditioning_channels=4 if variant == "rgb" else 3,
+            use_simplified_condition_embedding=variant == "rgb",
+            conditioning_embedding_out_channels=tuple(embedding_channels),
+            block_out_channels=tuple(block_out_channels),
+            # SD1.5's layout at any depth: cross-attention on every level but the last
+            down_block_types=("CrossAttnDownBlockMotion",) * (len(block_out_channels) - 1) + ("DownBlockMotion",),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+            motion_num_attention_heads=8,
+            motion_max_seq_length=max_frames,
+        )
+        init_weights_(net, seed, std=std)  # parameters only: the sinusoid tables stay
+        sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    original = from_diffusers_state_dict(sd)
+    path = str(path)
+    if path.endswith(".safetensors"):
+        import safetensors.torch
+
+        safetensors.torch.save_file(original, path)
+    else:
+        torch.save(original, path)
+    return path

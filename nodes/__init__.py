@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..motion_core import comfy_folders
 from .checkpoint_nodes import LoadCompactCheckpoint
+from .image_condition_nodes import ImageCondition
 from .motion_module_nodes import LoadAnimateDiffMotionModule
 from .motion_nodes import (
     ExtractSparseMotion,
@@ -32,6 +33,7 @@ class MotionCloneExtension(ComfyExtension):
             SaveMotion,
             LoadMotion,
             LoadReferenceVideo,
+            ImageCondition,
         ]
 
 
