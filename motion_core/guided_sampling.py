@@ -12,6 +12,8 @@
 * a post-CFG function applying the sampler-agnostic update D' = D - lambda * dL/dz_t to
   the CFG-combined denoised prediction (docs/guidance.md; exactly the reference DDIM
   step for ComfyUI's `ddim`/`euler` samplers);
+* an APPLY_MODEL wrapper that, in that graph-recording forward, hands ControlNet skip
+  residuals to the UNet out of place (control_grad.py);
 * weight wrappers that give autograd normal copies of weights created under ComfyUI's
   `torch.inference_mode()` (only when the weights are inference tensors, only while grad
   is on).
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_capture import CaptureState
+from .control_grad import skip_residuals_as_patch
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
 from .injection import CAPTURE_KEY, INFO_KEY
 from .sparse_motion import SparseMotion
@@ -154,6 +157,12 @@ class MotionGuidance:
         lam = denoised_correction_scale(sigma, info[2])
         return denoised - lam * grad.to(denoised)
 
+    @staticmethod
+    def _apply_model(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if torch.is_grad_enabled():  # only the guided conditional forward records a graph
+            control = skip_residuals_as_patch(control, transformer_options)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
     def _reset(self, executor, *args, **kwargs):
         self._grads.clear()
         self.losses.clear()
@@ -167,6 +176,7 @@ class MotionGuidance:
         patched = model.clone()
         patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self._reset)
         patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
+        patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, self._apply_model)
         patched.set_model_sampler_post_cfg_function(self._post_cfg)
         unet = patched.model.diffusion_model
         if any(p.is_inference() for p in unet.parameters()):
