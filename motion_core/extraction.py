@@ -34,9 +34,11 @@ def extract_sparse_motion(
     timestep: int = 400,
     seed: int = 0,
     top_k: int = 1,
+    control=None,
 ) -> SparseMotion:
     """`latents`: reference latents [F, C, h, w] as the VAE gives them (unscaled);
-    `context`: cross-attention conditioning [1, tokens, dim]."""
+    `context`: cross-attention conditioning [1, tokens, dim]; `control`: an optional ComfyUI
+    control chain (e.g. SparseCtrl conditioned on the reference's own frames) run in the forward."""
     import comfy.model_management
     import comfy.sample
 
@@ -51,12 +53,16 @@ def extract_sparse_motion(
     x = (x0 + noise * sigma).to(device)
     state = CaptureState(layers, stop_after_last=True)
     options = {**model.model_options["transformer_options"], "cond_or_uncond": [0], CAPTURE_KEY: state}
+    context = context.to(device).expand(frames, -1, -1)
     with torch.no_grad():
+        residuals = None
+        if control is not None:
+            from .sparsectrl import control_residuals
+
+            residuals = control_residuals(control, model, x, sigma, {"c_crossattn": context}, options)
         try:
-            base.apply_model(
-                x, sigma.expand(frames).to(device),
-                c_crossattn=context.to(device).expand(frames, -1, -1), transformer_options=options,
-            )
+            base.apply_model(x, sigma.expand(frames).to(device), c_crossattn=context, control=residuals,
+                             transformer_options=options)
         except StopForward:
             pass
     if not state.complete:

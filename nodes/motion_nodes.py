@@ -57,6 +57,9 @@ class ExtractSparseMotion(io.ComfyNode):
                 io.Latent.Input("latent", optional=True, tooltip="Reference latents instead of images."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Defaults to the empty prompt (needs clip)."),
                 io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt when no positive."),
+                io.Conditioning.Input("image_condition", optional=True,
+                                      tooltip="Image Condition's positive output: its SparseCtrl then runs on the "
+                                              "reference video's own frames at the same indices (image-to-video)."),
                 io.Int.Input("timestep", default=400, min=1, max=999, tooltip="Training timestep of the noising."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; use the sampler's seed to match the reference setup."),
@@ -69,7 +72,7 @@ class ExtractSparseMotion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, timestep, seed, top_k, layers, vae=None, images=None, latent=None, positive=None,
-                clip=None) -> io.NodeOutput:
+                clip=None, image_condition=None) -> io.NodeOutput:
         chosen = select_layers(attention_layers_of(model), layers)
         if latent is not None:
             latents = latent["samples"]
@@ -85,8 +88,19 @@ class ExtractSparseMotion(io.ComfyNode):
             if clip is None:
                 raise ValueError("Extract Sparse Motion: connect a positive conditioning, or a CLIP to encode ''")
             positive = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        control = None
+        if image_condition is not None:
+            from ..motion_core.sparsectrl import condition_on_reference
+
+            control = image_condition[0][1].get("control")
+            if control is None:
+                raise ValueError("Extract Sparse Motion: image_condition carries no control; connect the positive "
+                                 "output of Image Condition")
+            if images is None:
+                raise ValueError("Extract Sparse Motion: image_condition needs the reference IMAGE frames")
+            control = condition_on_reference(control, images)
         motion = extract_sparse_motion(model, latents, positive[0][0], chosen, timestep=timestep, seed=seed,
-                                       top_k=top_k)
+                                       top_k=top_k, control=control)
         return io.NodeOutput(motion)
 
 

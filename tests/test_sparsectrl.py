@@ -440,6 +440,36 @@ def test_guided_sampling_with_a_core_controlnet_alone(video_model, base):
     assert not torch.allclose(with_control, run(pos, neg, 2000.0), atol=1e-4)  # and so did the ControlNet
 
 
+def test_extraction_runs_sparsectrl_on_the_reference_frames(controlnet_folder, video_model, base):
+    from motionclone.motion_core.sparsectrl import condition_on_reference
+    from motionclone.nodes.motion_nodes import ExtractSparseMotion
+
+    vae, reference = base[1], _image(11, n=FRAMES)
+    pos, neg = _conds()
+    cond_pos, _ = ImageCondition.execute(pos, neg, "sc_rgb.safetensors", _image(7), "0", 1.0, 0.0, 1.0,
+                                         "sparsectrl", vae).result
+    args = dict(timestep=400, seed=0, top_k=1, layers="up_blocks.1", vae=vae, images=reference, positive=pos)
+    plain = ExtractSparseMotion.execute(video_model, **args).result[0]
+    conditioned = ExtractSparseMotion.execute(video_model, **args, image_condition=cond_pos).result[0]
+
+    control = cond_pos[0][1]["control"]
+    latents = vae.encode(reference)
+    on_reference = extract_sparse_motion(video_model, latents, pos[0][0], plain.layers,
+                                         control=condition_on_reference(control, reference))
+    on_generation_image = extract_sparse_motion(video_model, latents, pos[0][0], plain.layers, control=control)
+
+    def same(a, b):
+        return all(torch.equal(a.values[k], b.values[k]) for k in a.layers)
+
+    assert same(conditioned, on_reference)  # the node conditions on the reference's own frame 0
+    assert not same(conditioned, plain) and not same(conditioned, on_generation_image)
+    with pytest.raises(ValueError, match="image_condition carries no control"):
+        ExtractSparseMotion.execute(video_model, **args, image_condition=pos)
+    with pytest.raises(ValueError, match="needs the reference IMAGE frames"):
+        ExtractSparseMotion.execute(video_model, timestep=400, seed=0, top_k=1, layers="up_blocks.1",
+                                    latent={"samples": latents}, positive=pos, image_condition=cond_pos)
+
+
 def test_node_errors(controlnet_folder, base):
     pos, neg = _conds()
     with pytest.raises(ValueError, match="RGB SparseCtrl: connect a VAE"):
