@@ -78,6 +78,18 @@ def build_tiny_sd15_model(
 TINY_MOTION_CHANNELS = (32, 64, 128, 128)
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path) -> str:
+    """As users download them: safetensors, or a plain torch pickle for `.ckpt`/`.pt`."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        import safetensors.torch
+
+        safetensors.torch.save_file(tensors, path)
+    else:
+        torch.save(tensors, path)
+    return path
+
+
 def write_tiny_motion_module(
     path, *, seed: int = 0, block_out_channels: tuple[int, ...] = TINY_MOTION_CHANNELS,
     max_frames: int = 32, mid_block: bool = True, std: float = 0.05,
@@ -102,15 +114,7 @@ def write_tiny_motion_module(
         )
         init_weights_(adapter, seed, std=std)  # parameters only: the sinusoid tables stay
         sd = {k: v.detach().clone().contiguous() for k, v in adapter.state_dict().items()}
-    original = from_diffusers_state_dict(sd)
-    path = str(path)
-    if path.endswith(".safetensors"):
-        import safetensors.torch
-
-        safetensors.torch.save_file(original, path)
-    else:
-        torch.save(original, path)
-    return path
+    return _save_tensors(from_diffusers_state_dict(sd), path)
 
 
 def write_tiny_sparsectrl(
@@ -147,12 +151,4 @@ def write_tiny_sparsectrl(
         )
         init_weights_(net, seed, std=std)  # parameters only: the sinusoid tables stay
         sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    original = from_diffusers_state_dict(sd)
-    path = str(path)
-    if path.endswith(".safetensors"):
-        import safetensors.torch
-
-        safetensors.torch.save_file(original, path)
-    else:
-        torch.save(original, path)
-    return path
+    return _save_tensors(from_diffusers_state_dict(sd), path)
