@@ -17,7 +17,6 @@ numpy + OpenCV only.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -26,7 +25,6 @@ __all__ = [
     "displacement_features",
     "lk_params_for_size",
     "motion_fidelity",
-    "read_video_frames",
     "track_points",
     "track_similarity",
 ]
@@ -237,43 +235,3 @@ def motion_fidelity(
     ref_tracks, ref_valid = track_points(reference_frames, grid)
     gen_tracks, gen_valid = track_points(generated_frames, grid)
     return track_similarity(ref_tracks, ref_valid, gen_tracks, gen_valid, static_px=static_px, symmetric=symmetric)
-
-
-def read_video_frames(path: str | Path, num_frames: int = 16, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode `num_frames` evenly spaced frames (linspace over the whole clip, like MotionClone's
-    reference loader) as RGB uint8 [F, H, W, 3], optionally resized straight to size=(H, W) (no crop)."""
-
-    def decode(wanted: set[int] | None) -> tuple[dict[int, np.ndarray], int]:
-        cap = cv2.VideoCapture(str(path))
-        if not cap.isOpened():
-            raise OSError(f"cannot open video {path}")
-        kept, n = {}, 0
-        try:
-            while True:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                if wanted is None or n in wanted:
-                    kept[n] = frame
-                n += 1
-        finally:
-            cap.release()
-        return kept, n
-
-    def pick(total: int) -> np.ndarray:
-        return np.linspace(0, total - 1, num_frames).round().astype(int)
-
-    cap = cv2.VideoCapture(str(path))
-    hint = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
-    cap.release()
-    # Keep only the wanted frames while decoding (a long HD clip does not fit comfortably in memory);
-    # the container's frame count is only a hint, so decode again if it was wrong.
-    kept, total = decode(set(pick(hint).tolist()) if hint > 0 else None)
-    if total == 0:
-        raise OSError(f"no frames decoded from {path}")
-    if hint > 0 and total != hint:
-        kept, total = decode(set(pick(total).tolist()))
-    out = np.stack([cv2.cvtColor(kept[i], cv2.COLOR_BGR2RGB) for i in pick(total)])
-    if size is not None:
-        out = _resize_frames(out, *size)
-    return out

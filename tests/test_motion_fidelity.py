@@ -17,10 +17,10 @@ from motionclone.motion_core.motion_fidelity import (
     displacement_features,
     lk_params_for_size,
     motion_fidelity,
-    read_video_frames,
     track_points,
     track_similarity,
 )
+from motionclone.motion_core.video_io import FrameSelection, load_video_file
 
 S = 64  # frame size
 F = 16  # frames
@@ -255,23 +255,13 @@ def clips() -> dict[str, np.ndarray]:
     paths = sorted(CLIPS_DIR.glob("*.mp4"))
     if not paths:
         pytest.skip(f"no reference clips in {CLIPS_DIR}")
-    return {p.stem: read_video_frames(p, num_frames=F) for p in paths}
+    # The pack's own streaming loader, as users' reference videos are read.
+    selection = FrameSelection(evenly_spaced_frames=F)
+    return {p.stem: (load_video_file(p, selection).images.numpy() * 255 + 0.5).astype(np.uint8) for p in paths}
 
 
 def _resize(frames: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
-
-
-def test_read_video_frames(clips):
-    for frames in clips.values():
-        assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[0] == F and frames.shape[-1] == 3
-    path = min(CLIPS_DIR.glob("*.mp4"), key=lambda p: p.stat().st_size)
-    small = read_video_frames(path, num_frames=F, size=(48, 64))  # (H, W)
-    assert small.shape == (F, 48, 64, 3)
-    expected = np.stack([cv2.resize(f, (64, 48), interpolation=cv2.INTER_AREA) for f in clips[path.stem]])
-    np.testing.assert_array_equal(small, expected)
-    with pytest.raises(OSError):
-        read_video_frames(CLIPS_DIR / "missing.mp4")
 
 
 @pytest.mark.parametrize("size", [64, 128])
