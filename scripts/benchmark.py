@@ -3,6 +3,10 @@
 
     .dev/venv/bin/python scripts/benchmark.py guidance [--frames 16 --size 32 --steps 8]
 
+`fidelity`: on the embedded demo model, LK-track motion fidelity of guided vs unguided
+samples over synthetic reference clips and the shared real clips, several seeds, with
+extraction time, sampling times, memory and MOTION size.
+
 `guidance`: on the tiny SD1.5-architecture model with a tiny motion module, the time of a
 guided sampling step over a plain CFG step (KSampler), the peak memory of both (peak RSS of
 a fresh process per mode, above its RSS after loading), and the MOTION's stored size over
@@ -20,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +120,44 @@ def bench_guidance(args: argparse.Namespace) -> None:
           f"vs dense fp32 maps {ratio / 2:.4f} = {ratio * f / 2:.2f}/F")
 
 
+def bench_fidelity(args: argparse.Namespace) -> None:
+    """Motion fidelity guided vs unguided on the demo model, plus timings, memory and MOTION size."""
+    _bootstrap()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fidelity_eval as fe
+
+    settings = fe.DemoSettings(steps=args.steps, guided_steps=args.guided_steps, weight=args.weight)
+    model, clip, vae = fe.load_demo_model()
+    size = args.size
+    clips = fe.synthetic_clips(args.clips, size, args.frames)
+    if not args.no_real:
+        clips += fe.real_clips(size, args.frames)
+    print(f"demo model, {args.frames} frames at {size}x{size}, {settings.sampler}/{settings.scheduler} "
+          f"{settings.steps} steps ({settings.guided_steps} guided), weight {settings.weight}, cfg {settings.cfg}, "
+          f"seeds {args.seeds}; score: LK-track motion fidelity (CPU proxy of the CoTracker score)")
+    print(f"{'clip':40} {'seed':>5} {'guided':>7} {'unguided':>8} {'margin':>7}")
+    rows = []
+    base_rss = _rss_mb()
+    for name, frames, prompt in clips:
+        for seed in args.seeds:
+            r = fe.evaluate_clip(model, clip, vae, name, frames, prompt, seed, settings)
+            rows.append(r)
+            print(f"{name[:40]:40} {seed:5d} {r.guided:7.3f} {r.unguided:8.3f} {r.guided - r.unguided:+7.3f}")
+    groups = (("synthetic", [r for r in rows if ":" in r.name]), ("real", [r for r in rows if ":" not in r.name]))
+    for group, sel in groups:
+        if sel:
+            g, u = np.mean([r.guided for r in sel]), np.mean([r.unguided for r in sel])
+            print(f"mean {group:10} guided {g:.3f}  unguided {u:.3f}  margin {g - u:+.3f}  (n={len(sel)})")
+    r0 = rows[0]
+    print(f"extraction {np.mean([r.extract_s for r in rows]):.2f} s; sampling guided "
+          f"{np.mean([r.guided_s for r in rows]):.2f} s vs plain {np.mean([r.unguided_s for r in rows]):.2f} s "
+          f"({np.mean([r.guided_s / r.unguided_s for r in rows]):.2f}x); peak RSS above load "
+          f"{_rss_mb() - base_rss:.0f} MB; MOTION {r0.motion_bytes} B vs dense fp16 {r0.dense_bytes} B")
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "_guidance_worker":
         mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
@@ -126,8 +170,18 @@ def main(argv: list[str]) -> None:
     g.add_argument("--size", type=int, default=32, help="latent side (x8 pixels)")
     g.add_argument("--steps", type=int, default=6)
     g.add_argument("--threads", type=int, default=1)
+    f = sub.add_parser("fidelity", help="motion fidelity guided vs unguided on the demo model")
+    f.add_argument("--clips", type=int, default=5, help="synthetic reference clips (one per trajectory kind)")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    f.add_argument("--frames", type=int, default=8)
+    f.add_argument("--size", type=int, default=128)
+    f.add_argument("--steps", type=int, default=20)
+    f.add_argument("--guided-steps", type=int, default=12)
+    f.add_argument("--weight", type=float, default=2000.0)
+    f.add_argument("--threads", type=int, default=1, help="torch threads (more can be far slower on a busy machine)")
+    f.add_argument("--no-real", action="store_true", help="skip the shared real reference clips")
     args = parser.parse_args(argv)
-    {"guidance": bench_guidance}[args.cmd](args)
+    {"guidance": bench_guidance, "fidelity": bench_fidelity}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""Motion fidelity of MotionClone on the embedded demo model, guided vs unguided (in-process).
+
+Used by `scripts/benchmark.py fidelity` (figures) and `tests/test_demo_fidelity.py` (the
+regression guard). For each reference clip: VAE-encode it, extract its sparse motion with
+the empty prompt, then sample the clip's *other* subject prompt from the same seed twice,
+guided by the motion and unguided, decode, and score both against the reference with the
+LK-track motion fidelity (motion_core/motion_fidelity.py, a CPU proxy of the CoTracker score).
+Callers must have ComfyUI on sys.path and the pack imported as `motionclone`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "demo_model"
+DEMO_CHECKPOINT = DEMO_DIR / "motionclone_demo_sd15.safetensors"
+DEMO_MOTION_MODULE = DEMO_DIR / "motionclone_demo_mm.safetensors"
+
+
+@dataclass
+class DemoSettings:
+    steps: int = 20
+    guided_steps: int = 12
+    weight: float = 2000.0
+    cfg: float = 7.5
+    sampler: str = "ddim"
+    scheduler: str = "ddim_uniform"
+    warmup: int = 2
+    cooldown: int = 2
+    timestep: int = 400
+
+
+@dataclass
+class ClipResult:
+    name: str
+    seed: int
+    guided: float
+    unguided: float
+    extract_s: float
+    guided_s: float
+    unguided_s: float
+    motion_bytes: int
+    dense_bytes: int
+    frames: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+def load_demo_model():
+    """(MODEL with the demo motion module, CLIP, VAE) through the pack's own loaders."""
+    from motionclone.motion_core.compact_checkpoint import load_compact_checkpoint
+    from motionclone.motion_core.injection import apply_motion_modules, install_processors
+    from motionclone.motion_core.motion_module import load_motion_adapter
+
+    model, clip, vae = load_compact_checkpoint(DEMO_CHECKPOINT)
+    adapter, info = load_motion_adapter(DEMO_MOTION_MODULE)
+    return apply_motion_modules(model, adapter, info, install_processors(adapter)), clip, vae
+
+
+def _encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.detach().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def evaluate_clip(model, clip, vae, name: str, frames: np.ndarray, prompt: str, seed: int,
+                  settings: DemoSettings) -> ClipResult:
+    """`frames`: reference [F, H, W, 3] uint8 at the model's size; `prompt`: the new subject."""
+    import comfy.sample
+
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guided_sampling import (
+        GuidanceSettings,
+        MotionGuidance,
+        attention_layers_of,
+        select_layers,
+    )
+    from motionclone.motion_core.motion_fidelity import motion_fidelity
+
+    reference = torch.from_numpy(frames).float() / 255.0
+    with torch.no_grad():
+        latents = vae.encode(reference)
+    empty, positive = _encode(clip, ""), _encode(clip, prompt)
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    t0 = time.perf_counter()
+    motion = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=settings.timestep, seed=seed)
+    extract_s = time.perf_counter() - t0
+    latent = torch.zeros_like(latents)
+    scores, times, out_frames = {}, {}, {"reference": frames}
+    for mode in ("guided", "unguided"):
+        sampling_model = model
+        if mode == "guided":
+            guidance = GuidanceSettings(settings.weight, settings.guided_steps, 0.4, settings.warmup, settings.cooldown)
+            sampling_model = MotionGuidance(motion, guidance).patch(model)
+        t0 = time.perf_counter()
+        samples = comfy.sample.sample(sampling_model, comfy.sample.prepare_noise(latent, seed), settings.steps,
+                                      settings.cfg, settings.sampler, settings.scheduler, positive, empty, latent,
+                                      seed=seed, disable_pbar=True)
+        times[mode] = time.perf_counter() - t0
+        with torch.no_grad():
+            out_frames[mode] = _to_uint8(vae.decode(samples))
+        scores[mode] = motion_fidelity(frames, out_frames[mode])
+    return ClipResult(name, seed, scores["guided"], scores["unguided"], extract_s, times["guided"], times["unguided"],
+                      motion.nbytes(), motion.dense_nbytes(), out_frames)
+
+
+def procedural_clips():
+    """training/procedural_clips.py as a module (the repo root is kept off sys.path: our
+    `nodes/` package would shadow ComfyUI's `nodes`)."""
+    import importlib.util
+
+    name = "motionclone_procedural_clips"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "training" / "procedural_clips.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def synthetic_clips(count: int, size: int, frames: int, first_seed: int = 10_000) -> list[tuple[str, np.ndarray, str]]:
+    """(name, frames, new-subject prompt) for procedurally generated reference clips.
+
+    The prompt names another colour and shape than the clip's, so the motion, not the
+    appearance, is what guidance has to carry over. Seeds above the training range.
+    """
+    pc = procedural_clips()
+    out = []
+    trajectories = list(pc.TRAJECTORIES)
+    for i in range(count):
+        c = pc.make_clip(first_seed + i, frames=frames, size=size, trajectory=trajectories[i % len(trajectories)])
+        colours, shapes = list(pc.COLOURS), list(pc.SHAPES)
+        colour = colours[(colours.index(c.colour) + 1) % len(colours)]
+        new = f"{colour} {shapes[(shapes.index(c.shape) + 2) % len(shapes)]}"
+        out.append((f"{c.trajectory}:{c.label}", c.frames, new))
+    return out
+
+
+def real_clips(size: int, frames: int) -> list[tuple[str, np.ndarray, str]]:
+    """The shared reference videos, evenly spaced frames resized straight to the model's size."""
+    from motionclone.motion_core.video_io import FrameSelection, ResizeSpec, load_video_file
+
+    folder = ROOT.parent / "shared" / "reference_videos"
+    out = []
+    for path in sorted(folder.glob("*.mp4")):
+        video = load_video_file(path, FrameSelection(evenly_spaced_frames=frames), ResizeSpec(size, size, "stretch"))
+        out.append((path.stem, _to_uint8(video.images), "red circle"))
+    return out
