@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""Demo run: a headless ComfyUI with this pack, the smoke workflow, saved frames printed.
+"""Demo run: a headless ComfyUI with this pack clones the motion of a reference clip.
 
 Run it as `python3 scripts/dev.py demo` (sets up the venv and COMFYUI_PATH first).
-Uses a persistent base directory (default .dev/demo: custom_nodes link, models, output,
-comfyui.log) so the host's own folders are untouched; the tiny model files the workflow
-loads are generated there once (random weights: the frames are noise-like, the point is
-the whole graph running through the real server). Exit code 0 on success.
+Uses a persistent base directory (default .dev/demo: custom_nodes link, models, input,
+output, comfyui.log) so the host's own folders are untouched.
+
+Default: the demo workflow (demo_model/motionclone_demo_api.json) on the embedded demo
+model (demo_model/*.safetensors, placed in the base's model folders): a procedurally
+generated reference clip (a red circle on a curve) -> Extract Sparse Motion -> Motion Guided
+Sampler with a new subject ("blue square"), plus the unguided KSampler from the same seed.
+It saves the frames and an mp4, then writes side_by_side.png / side_by_side.gif (rows:
+reference, guided, unguided) and prints the LK-track motion fidelity of both.
+`--workflow workflows/motionclone_smoke_api.json` runs the tiny random-weight smoke graph
+(tiny model files are generated for any loader that names a missing file).
+Exit code 0 on success.
 """
 
 from __future__ import annotations
@@ -34,7 +42,14 @@ from comfy_client import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "motionclone"  # the name tests/conftest.py imports the pack under
 SMOKE_WORKFLOW = ROOT / "workflows" / "motionclone_smoke_api.json"
+DEMO_WORKFLOW = ROOT / "demo_model" / "motionclone_demo_api.json"
 DEMO_BASE = ROOT / ".dev" / "demo"
+# Shipped demo weights -> the model folder their loader reads.
+DEMO_MODEL_FILES = {"motionclone_demo_sd15.safetensors": "checkpoints",
+                    "motionclone_demo_mm.safetensors": "animatediff_models"}
+DEMO_REFERENCE = "motionclone_demo_reference.mp4"
+DEMO_REFERENCE_CLIP = {"seed": 10_003, "shape": "circle", "colour": "red", "trajectory": "curve",
+                       "background": "gradient"}
 
 # Loader class -> (file input, ComfyUI model folder, pack module, writer of a tiny file).
 TINY_MODEL_WRITERS: dict[str, tuple[str, str, str, str]] = {
@@ -110,9 +125,69 @@ def write_tiny_models(
     return written
 
 
+def place_demo_inputs(base: Path) -> None:
+    """Shipped demo weights into the base's model folders, and the reference clip into input/."""
+    import shutil
+
+    for name, folder in DEMO_MODEL_FILES.items():
+        target = base / "models" / folder / name
+        source = ROOT / "demo_model" / name
+        if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    clip_path = base / "input" / DEMO_REFERENCE
+    if not clip_path.exists():
+        write_reference_clip(clip_path)
+
+
+def write_reference_clip(path: Path) -> None:
+    """The procedural reference clip (training/procedural_clips.py, a seed past the training set) as mp4."""
+    import importlib.util
+
+    import av
+
+    spec = importlib.util.spec_from_file_location("procedural_clips", ROOT / "training" / "procedural_clips.py")
+    clips = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clips)
+    frames = clips.make_clip(**DEMO_REFERENCE_CLIP).frames
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "10"}
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+
+
+def compose_side_by_side(paths: list[Path], out_dir: Path) -> dict[str, Any]:
+    """side_by_side.png (rows: reference, guided, unguided) and an animated side_by_side.gif,
+    plus the LK-track motion fidelity of guided and unguided against the reference."""
+    import numpy as np
+    from PIL import Image
+
+    rows = {}
+    for kind in ("reference", "guided", "unguided"):
+        files = sorted(p for p in paths if p.suffix == ".png" and p.name.startswith(kind + "_"))
+        if files:
+            rows[kind] = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    if set(rows) != {"reference", "guided", "unguided"}:
+        return {}
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows.values()], axis=0)
+    png = out_dir / "side_by_side.png"
+    Image.fromarray(grid).save(png)
+    strip = [Image.fromarray(np.concatenate([rows[k][i] for k in rows], axis=1)) for i in range(len(rows["guided"]))]
+    gif = out_dir / "side_by_side.gif"
+    strip[0].save(gif, save_all=True, append_images=strip[1:], duration=125, loop=0)
+    from motionclone.motion_core.motion_fidelity import motion_fidelity
+
+    scores = {k: motion_fidelity(rows["reference"], rows[k]) for k in ("guided", "unguided")}
+    return {"png": png, "gif": gif, **scores}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Run the MotionClone smoke/demo workflow on a headless ComfyUI.")
-    p.add_argument("--workflow", type=Path, default=SMOKE_WORKFLOW, help="API-format workflow (default: smoke)")
+    p.add_argument("--workflow", type=Path, default=DEMO_WORKFLOW, help="API-format workflow (default: the demo)")
     p.add_argument("--base-dir", type=Path, default=DEMO_BASE, help="ComfyUI base directory (default %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the run (default %(default)s)")
     p.add_argument("--fresh-models", action="store_true", help="rewrite the tiny model files even if they exist")
@@ -131,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     comfyui = comfyui_path()
     prompt = load_workflow(args.workflow)
     base = prepare_base_dir(args.base_dir, ROOT)
+    uses_demo_model = any(n["inputs"].get("ckpt_name") in DEMO_MODEL_FILES for n in prompt.values())
+    if uses_demo_model:
+        place_demo_inputs(base)
     if tiny_model_files(prompt):
         ensure_pack_importable(comfyui)
         for path in write_tiny_models(base / "models", prompt, overwrite=args.fresh_models):
@@ -161,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run finished in {time.monotonic() - t1:.1f} s; {len(result.paths)} file(s) saved:")
             for path in result.paths:
                 print(f"  {path}")
+            if uses_demo_model:
+                ensure_pack_importable(comfyui)
+                out_dir = result.paths[0].parent if result.paths else base / "output"
+                composed = compose_side_by_side(result.paths, out_dir)
+                if composed:
+                    print(f"side by side (reference / guided / unguided): {composed['png']}")
+                    print(f"animated side by side: {composed['gif']}")
+                    print(f"LK-track motion fidelity vs the reference: guided {composed['guided']:.3f}, "
+                          f"unguided {composed['unguided']:.3f}")
     except (ServerStartError, ComfyError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
