@@ -142,14 +142,10 @@ def place_demo_inputs(base: Path) -> None:
 
 def write_reference_clip(path: Path) -> None:
     """The procedural reference clip (training/procedural_clips.py, a seed past the training set) as mp4."""
-    import importlib.util
-
     import av
+    from fidelity_eval import procedural_clips
 
-    spec = importlib.util.spec_from_file_location("procedural_clips", ROOT / "training" / "procedural_clips.py")
-    clips = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(clips)
-    frames = clips.make_clip(**DEMO_REFERENCE_CLIP).frames
+    frames = procedural_clips().make_clip(**DEMO_REFERENCE_CLIP).frames
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=8)
