@@ -2,18 +2,20 @@
 """Train the shipped demo model (demo_model/): a small SD1.5-architecture text-to-image
 model plus an AnimateDiff motion module, on procedural clips, on the CPU.
 
-    .dev/venv/bin/python training/train_demo_model.py            # full run (about 40 min on one core)
+    .dev/venv/bin/python training/train_demo_model.py            # the shipped files (about 35 min, one core)
     .dev/venv/bin/python training/train_demo_model.py --quick    # a few steps per stage: checks the pipeline
+    .dev/venv/bin/python training/train_demo_model.py --motion-recipe joint   # the more coherent candidate
 
 Stages (each saves `<work>/<stage>.pt` when done and `<work>/<stage>_partial.pt` every
-few hundred steps, so a rerun resumes instead of starting over):
-  vae     AutoencoderKL (ComfyUI class) on 64 px crops, then briefly at full size (128 px);
-          afterwards the latent mean/std is folded into quant_conv/post_quant_conv so that
-          SD1.5's latent scale (0.18215) gives zero-mean, unit-std latents per channel
+few hundred steps, so a rerun resumes instead of starting over; stages already done are loaded):
+  vae     AutoencoderKL (ComfyUI class), built as a colour-thumbnail codec, trained on 32 px
+          crops, then briefly on full 128 px frames; afterwards the latent mean/std is folded into
+          quant_conv/post_quant_conv so that SD1.5's latent scale (0.18215) gives zero-mean,
+          unit-std latents per channel
   encode  the clip dataset -> VAE latents (posterior mode, as ComfyUI's VAEEncode)
   image   UNet + CLIP text encoder on single frames (eps prediction, SD1.5 DDPM schedule)
-  motion  AnimateDiff MotionAdapter on 8- and 16-frame clips, image model frozen, run
-          through the pack's own injection (motion_core.injection.apply_motion_modules)
+  motion  AnimateDiff MotionAdapter on 8- and 16-frame clips, run through the pack's own
+          injection (motion_core.injection.apply_motion_modules); settings per MOTION_RECIPES
   export  fp16 compact checkpoint + motion module in the original AnimateDiff key format,
           then both are reloaded through the pack's loaders and sampled as a check
 
@@ -31,6 +33,7 @@ import os
 import sys
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +92,33 @@ DEMO_VAE_CONFIG: dict[str, Any] = {
 }
 MOTION_CHANNELS = (32, 32, 64, 64)  # = model_channels * channel_mult
 MOTION_MAX_FRAMES = 32  # AnimateDiff v2/v3 positional-encoding length
-MM_MAX_WEIGHT = 20.0  # loss-weight clamp of the motion stage (see train_motion)
 
 
-def default_steps() -> dict[str, int]:
-    return {"vae_crop": 1500, "vae_full": 150, "image": 2000, "motion": 1500}
+@dataclass(frozen=True)
+class MotionRecipe:
+    """Settings of the motion stage (see train_motion)."""
+
+    steps: int
+    mm_lr: float  # motion module
+    unet_lr: float  # image UNet fine-tuned along (0: frozen, AnimateDiff style)
+    ema: float
+    high_t: bool  # 3 in 4 timesteps from t >= 400 (else uniform)
+    max_weight: float | None  # eps-MSE weighted by 1/SNR clamped to [1, max_weight] (None: plain eps-MSE)
+
+
+MOTION_RECIPES: dict[str, MotionRecipe] = {
+    # The shipped motion module: frozen image UNet, plain eps-MSE, uniform timesteps. Learns little
+    # cross-frame coherence (see demo_model/MODEL_CARD.md).
+    "shipped": MotionRecipe(steps=1200, mm_lr=5e-4, unet_lr=0.0, ema=0.998, high_t=False, max_weight=None),
+    # A candidate with clearly more coherent frames: UNet fine-tuned along, noisy timesteps and
+    # x0-like weighting emphasised. Not shipped: MotionClone guidance at the pack's default settings
+    # did not improve motion fidelity on it (tests/test_demo_fidelity.py fails with it).
+    "joint": MotionRecipe(steps=1500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
+}
+
+
+def default_steps(recipe: str = "shipped") -> dict[str, int]:
+    return {"vae_crop": 1500, "vae_full": 150, "image": 2000, "motion": MOTION_RECIPES[recipe].steps}
 
 
 DATASET_CLIPS = 600
@@ -602,32 +627,34 @@ def motion_model(unet_sd: dict[str, torch.Tensor], adapter):
 def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str], unet_sd, clip_sd):
     from motionclone.motion_core.schedule import sd15_alphas_cumprod
 
-    done = ck.load("motion")
+    recipe = MOTION_RECIPES[args.motion_recipe]
+    stage = _motion_stage(args)
+    done = ck.load(stage)
     if done is not None:
         log("motion: loaded finished stage")
         return done["adapter"], done["unet"]
     adapter = new_adapter(args.seed)
     total, start = args.steps["motion"], 0
-    partial = ck.load("motion_partial")
+    partial = ck.load(f"{stage}_partial")
     patched = motion_model(unet_sd, adapter)
     unet = patched.model.diffusion_model
     mm_params = list(adapter.parameters())
     mm_ids = {id(p) for p in mm_params}
     unet_params = [p for p in unet.parameters() if id(p) not in mm_ids]  # the image UNet's own weights
-    # The image UNet is fine-tuned too, at a lower rate. Frozen (pure AnimateDiff style), this tiny
-    # UNet left the module little to work with: its features mix each frame's own noise (which the
-    # eps output must keep) with the content (which frames should share), and a frozen-UNet run
-    # plateaued at x0 predictions barely more consistent across frames than independent ones.
+    # "joint" fine-tunes the image UNet too, at a lower rate. Frozen (AnimateDiff style, "shipped"),
+    # this tiny UNet leaves the module little to work with: its features mix each frame's own noise
+    # (which the eps output must keep) with the content (which frames should share), and x0
+    # predictions stayed barely more consistent across frames than independent ones.
     unet.requires_grad_(False)
-    groups = [{"params": mm_params, "base_lr": args.mm_lr}]
-    if args.mm_unet_lr > 0:
-        groups.append({"params": unet_params, "base_lr": args.mm_unet_lr})
+    groups = [{"params": mm_params, "base_lr": recipe.mm_lr}]
+    if recipe.unet_lr > 0:
+        groups.append({"params": unet_params, "base_lr": recipe.unet_lr})
         for p in unet_params:
             p.requires_grad_(True)
     adapter.train().requires_grad_(True)
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=args.mm_lr, weight_decay=0.01)
-    ema = EMA(params, decay=0.995)  # shorter than the image stage's: these weights move fast
+    opt = torch.optim.AdamW(groups, lr=recipe.mm_lr, weight_decay=0.01)
+    ema = EMA(params, decay=recipe.ema)
     if partial is not None:
         adapter.load_state_dict(partial["adapter"])
         unet_state = {k: v for k, v in partial["unet"].items()}
@@ -660,10 +687,9 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
             x0 = torch.stack(subs)
         n_vid, n_frames = x0.shape[:2]
         texts = ["" if rng.random() < args.uncond_p else labels[c] for c in ci]
-        # One timestep per video, as AnimateDiff; 3 in 4 from t >= 400, where frames must agree on
-        # layout and colours (what the motion module is for).
-        t = sample_timesteps(gen, n_vid)
-        t = torch.where(torch.rand(n_vid, generator=gen) < 0.25, t, 400 + (t * 3) // 5)
+        t = sample_timesteps(gen, n_vid)  # one timestep per video, as AnimateDiff
+        if recipe.high_t:  # 3 in 4 from t >= 400, where frames must agree on layout and colours
+            t = torch.where(torch.rand(n_vid, generator=gen) < 0.25, t, 400 + (t * 3) // 5)
         noise = torch.randn(x0.shape, generator=gen)
         xt = noised(x0, t, noise, abar).flatten(0, 1)
         tt = t.repeat_interleave(n_frames).float()
@@ -672,13 +698,15 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
             g["lr"] = lr_at(step, total, g["base_lr"])
         # cond_or_uncond has one entry per video: the motion layers split the batch into videos by it.
         pred = unet(xt, tt, context, transformer_options={**options, "cond_or_uncond": [0] * n_vid})
-        # eps-MSE weighted towards x0-MSE (weight 1/SNR, clamped to [1, MM_MAX_WEIGHT]): at high noise a
-        # small eps error is a large error in the frame being formed, and plain eps-MSE hardly
-        # rewards consistent frames there (a first run with it learnt almost no coherence).
-        a_t = abar[t].float()
-        weight = ((1 - a_t) / a_t).clamp(1.0, MM_MAX_WEIGHT).repeat_interleave(n_frames)
-        per_frame = (pred - noise.flatten(0, 1)).square().mean(dim=(1, 2, 3))
-        loss = (weight * per_frame).mean() / weight.mean()
+        if recipe.max_weight is None:
+            loss = F.mse_loss(pred, noise.flatten(0, 1))
+        else:
+            # eps-MSE weighted towards x0-MSE (1/SNR, clamped): at high noise a small eps error is a
+            # large error in the frame being formed, and plain eps-MSE hardly rewards consistent frames.
+            a_t = abar[t].float()
+            weight = ((1 - a_t) / a_t).clamp(1.0, recipe.max_weight).repeat_interleave(n_frames)
+            per_frame = (pred - noise.flatten(0, 1)).square().mean(dim=(1, 2, 3))
+            loss = (weight * per_frame).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -691,14 +719,18 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
             log(f"motion step {step}/{total} frames {n_vid}x{n_frames} loss {loss.item():.4f} (avg {run:.4f}) "
                 f"| {el:.0f}s, eta {eta:.0f}s")
         if (step + 1) % 250 == 0 and step + 1 < total:
-            ck.save("motion_partial", {"adapter": adapter.state_dict(), "unet": _unet_only(unet),
+            ck.save(f"{stage}_partial", {"adapter": adapter.state_dict(), "unet": _unet_only(unet),
                                        "opt": opt.state_dict(), "ema": ema.shadow, "step": step + 1})
     with torch.no_grad():
         for s, p in zip(ema.shadow, ema.params):
             p.copy_(s)
     out = {"adapter": fp16_round(adapter.state_dict()), "unet": fp16_round(_unet_only(unet)), "final_loss_avg": run}
-    ck.save("motion", out)
+    ck.save(stage, out)
     return out["adapter"], out["unet"]
+
+
+def _motion_stage(args) -> str:
+    return "motion" if args.motion_recipe == "shipped" else f"motion_{args.motion_recipe}"
 
 
 def _unet_only(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -743,7 +775,7 @@ def export(args, ck: Checkpoints, vae_sd, unet_sd, clip_sd, adapter_sd, t_start:
     summary = {
         "seed": args.seed,
         "steps": args.steps,
-        "losses": {name: (ck.load(name) or {}).get("final_loss_avg") for name in ("image", "motion")},
+        "losses": {name: (ck.load(name) or {}).get("final_loss_avg") for name in ("image", _motion_stage(args))},
         "files": {p.name: p.stat().st_size for p in (ckpt_path, mm_path)},
         "wall_time_s": round(time.monotonic() - t_start, 1),
     }
@@ -797,7 +829,8 @@ def check_shipped(ckpt_path: Path, mm_path: Path, work: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "demo_model"), help="where the shipped files go (default %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: demo_model/ for the shipped recipe, <work>/<recipe>_out otherwise)")
     p.add_argument("--work", default=str(ROOT / ".dev" / "demo_training"), help="checkpoints (default %(default)s)")
     p.add_argument("--ckpt-name", default="motionclone_demo_sd15.safetensors")
     p.add_argument("--mm-name", default="motionclone_demo_mm.safetensors")
@@ -805,8 +838,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("--clips", type=int, default=DATASET_CLIPS, help="dataset clips (16 frames each)")
     p.add_argument("--lr", type=float, default=5e-4, help="UNet + text encoder")
-    p.add_argument("--mm-lr", type=float, default=2e-3, help="motion module")
-    p.add_argument("--mm-unet-lr", type=float, default=2e-4, help="image UNet during the motion stage (0: frozen)")
+    p.add_argument("--motion-recipe", choices=sorted(MOTION_RECIPES), default="shipped",
+                   help="motion-stage settings (default %(default)s: the shipped motion module)")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4, help="KL weight (per latent element, vs per-pixel MSE)")
     p.add_argument("--vae-low", type=float, default=4.0, help="weight of the 8x8-pooled colour MSE")
@@ -814,7 +847,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few steps per stage into <work>/quick: pipeline check")
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH") or str(ROOT / ".dev" / "ComfyUI"))
     args = p.parse_args(argv)
-    args.steps = default_steps()
+    args.steps = default_steps(args.motion_recipe)
+    if args.out is None:
+        args.out = str(ROOT / "demo_model") if args.motion_recipe == "shipped" else \
+            str(Path(args.work) / f"{args.motion_recipe}_out")
     if args.quick:
         args.steps = {"vae_crop": 20, "vae_full": 4, "image": 20, "motion": 20}
         args.clips = 8
