@@ -129,6 +129,8 @@ class LoadStats:
     converted: int = 0  # frames turned into RGB arrays and kept
     passes: int = 0
     check_interrupt: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # progress(kept, expected): after each kept frame, when the container tells how many to expect.
+    progress: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
 
     def count_decoded(self) -> None:
         self.decoded += 1
@@ -597,6 +599,8 @@ def _load(open_source: Callable[[], Any], sel: FrameSelection, resize: ResizeSpe
                 fitted = fitted.copy()  # a view on PyAV's frame: own the pixels so the frame is freed now
             kept.append(fitted)
             stats.converted += 1
+            if stats.progress is not None and bound:
+                stats.progress(len(kept), max(bound, len(kept)))
         if not kept:
             raise _err(f"no frames left after selection ({_describe(sel)}; {stats.decoded} frames decoded)")
     finally:
@@ -642,12 +646,14 @@ def load_video_file(
     *,
     max_bytes: int | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoadedVideo:
     """Decode a file path (no folder check here: use resolve_video_path) or an in-memory file.
 
-    max_bytes defaults to MOTIONCLONE_MAX_VIDEO_BYTES; check_interrupt is called per decoded frame.
+    max_bytes defaults to MOTIONCLONE_MAX_VIDEO_BYTES; check_interrupt is called per decoded frame,
+    progress(kept, expected) per kept frame when the expected count is known.
     """
-    stats = LoadStats(check_interrupt=check_interrupt)
+    stats = LoadStats(check_interrupt=check_interrupt, progress=progress)
     factory = _file_source_factory(src, stats)
     return _load(factory, selection or FrameSelection(), resize or ResizeSpec(), max_bytes, stats)
 
@@ -660,9 +666,10 @@ def load_video_tensor(
     *,
     max_bytes: int | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoadedVideo:
     """Same selection and resizing for frames already in memory ([F,H,W,C] float 0..1)."""
-    stats = LoadStats(check_interrupt=check_interrupt)
+    stats = LoadStats(check_interrupt=check_interrupt, progress=progress)
     return _load(lambda: _TensorSource(images, fps, "the VIDEO input", stats), selection or FrameSelection(),
                  resize or ResizeSpec(), max_bytes, stats)
 
@@ -674,6 +681,7 @@ def load_video_input(
     *,
     max_bytes: int | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoadedVideo:
     """A ComfyUI VIDEO (comfy_api VideoInput): streamed from its file when it has one, else its frames."""
     from comfy_api.latest import Input
@@ -682,8 +690,9 @@ def load_video_input(
         # File-backed (VideoFromFile): a path or BytesIO we can stream. The base implementation would
         # re-encode in-memory frames to H.264, which is lossy, so those take the tensor route.
         src = video.get_stream_source()
-        return load_video_file(src, selection, resize, max_bytes=max_bytes, check_interrupt=check_interrupt)
+        return load_video_file(src, selection, resize, max_bytes=max_bytes, check_interrupt=check_interrupt,
+                               progress=progress)
     components = video.get_components()
     logging.debug("MotionClone: VIDEO input without a file, selecting from its %d frames", components.images.shape[0])
     return load_video_tensor(components.images, components.frame_rate, selection, resize, max_bytes=max_bytes,
-                             check_interrupt=check_interrupt)
+                             check_interrupt=check_interrupt, progress=progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management
+import comfy.utils
 from comfy_api.latest import io
 
 from ..motion_core import video_io
@@ -73,12 +74,14 @@ class LoadReferenceVideo(io.ComfyNode):
                                    float(force_rate))
         resize = ResizeSpec(width, height, resize_mode)
         check = comfy.model_management.throw_exception_if_processing_interrupted
+        progress = _ProgressReporter()
         if video is not None:
             if (path or "").strip():
                 logging.info("Load Reference Video: the connected VIDEO is used, path %r is ignored", path)
-            loaded = video_io.load_video_input(video, selection, resize, check_interrupt=check)
+            loaded = video_io.load_video_input(video, selection, resize, check_interrupt=check, progress=progress)
         else:
-            loaded = video_io.load_video_file(_resolve(file, path), selection, resize, check_interrupt=check)
+            loaded = video_io.load_video_file(_resolve(file, path), selection, resize, check_interrupt=check,
+                                              progress=progress)
         return io.NodeOutput(loaded.images, loaded.frame_count, loaded.fps)
 
     @classmethod
@@ -100,3 +103,15 @@ class LoadReferenceVideo(io.ComfyNode):
 
 def _resolve(file: str, path: str) -> str:
     return video_io.resolve_video_path(path if (path or "").strip() else file)
+
+
+class _ProgressReporter:
+    """ComfyUI progress bar (UI and API progress messages) over the kept frames, created on the first frame."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, kept: int, expected: int) -> None:
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(expected)
+        self.bar.update_absolute(kept, expected)

@@ -467,6 +467,25 @@ def test_interrupt_stops_decoding(clips):
         assert len(seen) == 5
 
 
+def test_progress_counts_kept_frames(clips, input_dir, monkeypatch):
+    import comfy.utils
+
+    calls = []
+    video_io.load_video_file(clips["mp4"], FrameSelection(evenly_spaced_frames=5), progress=lambda *a: calls.append(a))
+    assert calls == [(k, 5) for k in range(1, 6)]
+    calls.clear()
+    video_io.load_video_file(clips["mkv"], FrameSelection(frame_load_cap=7), progress=lambda *a: calls.append(a))
+    assert calls == [(k, 7) for k in range(1, 8)]
+
+    # The node drives ComfyUI's progress bar (what the UI and the API's progress messages show).
+    hooked = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        hooked.append((value, total)))
+    (input_dir / "clip.mp4").write_bytes(clips["mp4"].read_bytes())
+    _node("clip.mp4", select_every_nth=4)
+    assert hooked == [(k, FRAMES // 4) for k in range(1, FRAMES // 4 + 1)]
+
+
 # ----------------------------------------------------------------------------- real server
 
 
