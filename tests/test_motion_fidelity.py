@@ -17,6 +17,7 @@ from motionclone.motion_core.motion_fidelity import (
     displacement_features,
     lk_params_for_size,
     motion_fidelity,
+    motion_scores,
     track_points,
     track_similarity,
 )
@@ -239,6 +240,27 @@ def test_unrelated_random_motion_is_near_chance():
     noise = np.random.default_rng(0).integers(0, 256, (F, S, S, 3), dtype=np.uint8)  # nothing to track
     score = motion_fidelity(pan_video(3, PAN_STEP), noise)
     assert np.isfinite(score) and score < 0.5
+
+
+def test_motion_recall_is_not_fooled_by_static_or_unrelated_frames():
+    obj = object_video(1, 2, PATH)
+    same = object_video(11, 12, PATH, shape="disc", bg_colour=(0.2, 0.5, 1.0), obj_colour=(0.3, 1.0, 0.3))
+    still = object_video(11, 12, np.repeat(PATH[:1], F, axis=0), shape="disc")
+    backwards = object_video(11, 12, PATH[::-1], shape="disc")
+    unrelated = np.stack([object_video(20 + i, 2, PATH[:1].repeat(2, 0))[0] for i in range(F)])  # new image per frame
+    scores = {name: motion_scores(obj, gen) for name, gen in
+              (("self", obj), ("same", same), ("still", still), ("backwards", backwards), ("unrelated", unrelated))}
+    assert scores["self"].recall == pytest.approx(1.0, abs=1e-6)
+    assert scores["same"].recall > 0.8
+    # The one-sided fidelity rates a static video as well as the real motion; recall puts it, frames
+    # unrelated to each other, and the motion played backwards far below the real motion.
+    assert scores["still"].fidelity > 0.9
+    for bad in ("still", "unrelated", "backwards"):
+        assert scores[bad].recall < 0.5
+        assert scores[bad].recall < scores["same"].recall - 0.4
+    # A static reference has no motion to recall.
+    assert np.isnan(motion_scores(still, obj).recall)
+    assert motion_scores(obj, same).fidelity == pytest.approx(motion_fidelity(obj, same))
 
 
 def test_frame_count_mismatch_raises():
