@@ -49,26 +49,9 @@ CROP = 32  # VAE training crops (pixels); then a short phase on full frames
 CLIP_FRAMES = 16  # dataset clips; motion training uses them as 16 frames or as 8-frame sub-clips
 LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
 
-# ComfyUI SD1.5 layout at small widths: 4 levels (32, 32, 64, 64 channels), attention on the first three.
-DEMO_UNET_CONFIG: dict[str, Any] = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 32,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 1, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "context_dim": 32,
-    "use_linear_in_transformer": False,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+# ComfyUI SD1.5 layout at small widths: the pack's TINY_SD15_UNET_CONFIG (4 levels, attention on the
+# first three, model_channels 32, context 32) with channels 32, 32, 64, 64 instead of 32, 64, 128, 128.
+DEMO_UNET_OVERRIDES: dict[str, Any] = {"channel_mult": [1, 1, 2, 2]}
 # SD's AutoencoderKL (8x down, 4 latent channels) made cheap for a CPU: no ResBlocks in the
 # encoder levels, one per decoder level. Why 96 channels: ComfyUI's GroupNorm always has 32 groups
 # and removes each group's per-image mean and scale; the decoder's last norm (norm_out, at full
@@ -114,6 +97,8 @@ MOTION_RECIPES: dict[str, MotionRecipe] = {
     # x0-like weighting emphasised. Not shipped: MotionClone guidance at the pack's default settings
     # did not improve motion fidelity on it (tests/test_demo_fidelity.py fails with it).
     "joint": MotionRecipe(steps=1500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
+    "joint_long": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
+    "joint_x0": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=100.0),
 }
 
 
@@ -214,6 +199,32 @@ def fp16_round(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.detach().half().float() if v.is_floating_point() else v.detach().clone()) for k, v in sd.items()}
 
 
+class Progress:
+    """Running loss average and a log line every 50 steps with the time left."""
+
+    def __init__(self, name: str, start: int, total: int) -> None:
+        self.name, self.start, self.total = name, start, total
+        self.t0 = time.monotonic()
+        self.avg: float | None = None
+
+    def update(self, step: int, value: float) -> bool:
+        """Adds `value` to the running average; True on the steps that should log."""
+        self.avg = value if self.avg is None else 0.98 * self.avg + 0.02 * value
+        return step % 50 == 0 or step == self.total - 1
+
+    def log(self, step: int, detail: str) -> None:
+        el = time.monotonic() - self.t0
+        eta = el / (step - self.start + 1) * (self.total - step - 1)
+        log(f"{self.name} step {step}/{self.total} {detail} | {el:.0f}s, eta {eta:.0f}s")
+
+
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 class EMA:
     def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
         self.params = params
@@ -230,12 +241,18 @@ class EMA:
 # --- models ---------------------------------------------------------------------------------------
 
 
+def demo_unet_config() -> dict[str, Any]:
+    from motionclone.motion_core.tiny_models import TINY_SD15_UNET_CONFIG
+
+    return copy.deepcopy({**TINY_SD15_UNET_CONFIG, **DEMO_UNET_OVERRIDES})
+
+
 def architecture() -> dict[str, Any]:
     from motionclone.motion_core import compact_checkpoint as cc
 
     return {
         "format": cc.FORMAT_VERSION,
-        "unet": copy.deepcopy(DEMO_UNET_CONFIG),
+        "unet": demo_unet_config(),
         "clip": copy.deepcopy(cc.TINY_CLIP_CONFIG),
         "vae": copy.deepcopy(DEMO_VAE_CONFIG),
     }
@@ -272,8 +289,7 @@ def train_vae(args, ck: Checkpoints) -> dict[str, torch.Tensor]:
         opt.load_state_dict(partial["opt"])
         start = partial["step"]
         log(f"vae: resuming at step {start}")
-    t0 = time.monotonic()
-    run = None
+    progress = Progress("vae", start, total)
     for step in range(start, total):
         rng = step_rng(args.seed, 1, step)
         full = step >= steps_crop
@@ -301,17 +317,11 @@ def train_vae(args, ck: Checkpoints) -> dict[str, torch.Tensor]:
         # first and for a long time decodes the (muted) colours as grey, which per-pixel MSE hardly punishes.
         low = F.mse_loss(F.avg_pool2d(rec, 8), F.avg_pool2d(x, 8))
         loss = mse + 0.5 * l1 + args.vae_low * low + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        run = mse.item() if run is None else 0.98 * run + 0.02 * mse.item()
-        if step % 50 == 0 or step == total - 1:
-            el = time.monotonic() - t0
-            eta = el / (step - start + 1) * (total - step - 1)
-            log(f"vae step {step}/{total} {'full' if full else 'crop'} mse {mse.item():.5f} (avg {run:.5f}) "
-                f"l1 {l1.item():.4f} low {low.item():.5f} kl {kl.item():.3f} latent std {mean.std().item():.3f} "
-                f"post std {(0.5 * logvar).exp().mean().item():.4f} | {el:.0f}s, eta {eta:.0f}s")
+        optimiser_step(opt, loss, list(vae.parameters()))
+        if progress.update(step, mse.item()):
+            progress.log(step, f"{'full' if full else 'crop'} mse {mse.item():.5f} (avg {progress.avg:.5f}) "
+                         f"l1 {l1.item():.4f} low {low.item():.5f} kl {kl.item():.3f} latent std "
+                         f"{mean.std().item():.3f} post std {(0.5 * logvar).exp().mean().item():.4f}")
         if (step + 1) % 250 == 0 and step + 1 < total:
             ck.save("vae_partial", {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
     vae.eval()
@@ -520,7 +530,7 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
         log("image: loaded finished stage")
         return done["unet"], done["clip"]
     torch.manual_seed(args.seed + 10)
-    unet = build_tiny_sd15_model(args.seed, unet_config=DEMO_UNET_CONFIG).model.diffusion_model
+    unet = build_tiny_sd15_model(args.seed, unet_config=demo_unet_config()).model.diffusion_model
     standard_init_(unet)
     # SD's zero-initialised residual outputs: every block starts as the identity.
     for name, m in unet.named_modules():
@@ -554,7 +564,7 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
     abar = sd15_alphas_cumprod()
     n_clips, n_frames = latents.shape[:2]
     batch = 16
-    t0, run = time.monotonic(), None
+    progress = Progress("image", start, total)
     for step in range(start, total):
         rng, gen = step_rng(args.seed, 3, step), step_gen(args.seed, 3, step)
         ci = rng.integers(n_clips, size=batch)
@@ -568,16 +578,10 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
         context = text.encode(texts)
         pred = unet(noised(x0, t, noise, abar), t.float(), context)
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params_unet + params_text + [emb], 1.0)
-        opt.step()
+        optimiser_step(opt, loss, params_unet + params_text + [emb])
         ema.update(step)
-        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
-        if step % 50 == 0 or step == total - 1:
-            el = time.monotonic() - t0
-            eta = el / (step - start + 1) * (total - step - 1)
-            log(f"image step {step}/{total} loss {loss.item():.4f} (avg {run:.4f}) | {el:.0f}s, eta {eta:.0f}s")
+        if progress.update(step, loss.item()):
+            progress.log(step, f"loss {loss.item():.4f} (avg {progress.avg:.4f})")
         if (step + 1) % 250 == 0 and step + 1 < total:
             ck.save("image_partial", {"unet": unet.state_dict(), "clip": text.state_dict(), "opt": opt.state_dict(),
                                       "ema": ema.shadow, "step": step + 1})
@@ -585,7 +589,8 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
     with torch.no_grad():
         for s, p in zip(ema.shadow, ema.params):
             p.copy_(s)
-    out = {"unet": fp16_round(unet.state_dict()), "clip": fp16_round(text.state_dict()), "final_loss_avg": run}
+    out = {"unet": fp16_round(unet.state_dict()), "clip": fp16_round(text.state_dict()),
+           "final_loss_avg": progress.avg}
     ck.save("image", out)
     return out["unet"], out["clip"]
 
@@ -615,7 +620,7 @@ def motion_model(unet_sd: dict[str, torch.Tensor], adapter):
     from motionclone.motion_core.motion_module import MotionModuleInfo
     from motionclone.motion_core.tiny_models import build_tiny_sd15_model
 
-    base = build_tiny_sd15_model(unet_config=DEMO_UNET_CONFIG, state_dict=unet_sd)
+    base = build_tiny_sd15_model(unet_config=demo_unet_config(), state_dict=unet_sd)
     info = MotionModuleInfo(name="training", version="v2/v3", block_out_channels=MOTION_CHANNELS,
                             layers_per_block=(2, 2, 2, 2), transformer_layers=1, max_frames=MOTION_MAX_FRAMES,
                             has_mid_block=True)
@@ -669,7 +674,7 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
     options = patched.model_options["transformer_options"]
     abar = sd15_alphas_cumprod()
     n_clips = latents.shape[0]
-    t0, run = time.monotonic(), None
+    progress = Progress("motion", start, total)
     for step in range(start, total):
         rng, gen = step_rng(args.seed, 4, step), step_gen(args.seed, 4, step)
         # Alternate one 16-frame clip and two 8-frame clips (every other frame, or a contiguous half):
@@ -707,24 +712,18 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
             weight = ((1 - a_t) / a_t).clamp(1.0, recipe.max_weight).repeat_interleave(n_frames)
             per_frame = (pred - noise.flatten(0, 1)).square().mean(dim=(1, 2, 3))
             loss = (weight * per_frame).mean() / weight.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimiser_step(opt, loss, params)
         ema.update(step)
-        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
-        if step % 50 == 0 or step == total - 1:
-            el = time.monotonic() - t0
-            eta = el / (step - start + 1) * (total - step - 1)
-            log(f"motion step {step}/{total} frames {n_vid}x{n_frames} loss {loss.item():.4f} (avg {run:.4f}) "
-                f"| {el:.0f}s, eta {eta:.0f}s")
+        if progress.update(step, loss.item()):
+            progress.log(step, f"frames {n_vid}x{n_frames} loss {loss.item():.4f} (avg {progress.avg:.4f})")
         if (step + 1) % 250 == 0 and step + 1 < total:
             ck.save(f"{stage}_partial", {"adapter": adapter.state_dict(), "unet": _unet_only(unet),
                                        "opt": opt.state_dict(), "ema": ema.shadow, "step": step + 1})
     with torch.no_grad():
         for s, p in zip(ema.shadow, ema.params):
             p.copy_(s)
-    out = {"adapter": fp16_round(adapter.state_dict()), "unet": fp16_round(_unet_only(unet)), "final_loss_avg": run}
+    out = {"adapter": fp16_round(adapter.state_dict()), "unet": fp16_round(_unet_only(unet)),
+           "final_loss_avg": progress.avg}
     ck.save(stage, out)
     return out["adapter"], out["unet"]
 
