@@ -8,6 +8,8 @@ configs in the safetensors metadata entry `motionclone.architecture` (JSON):
 
     {"format": 1, "unet": <unet_config>, "clip": <CLIP text config>, "vae": {"ddconfig": ..., "embed_dim": 4}}
 
+plus an optional "prediction": "eps" (the default, SD1.5) or "v" (v-prediction).
+
 Loading builds real ComfyUI objects (ModelPatcher around comfy.model_base.BaseModel,
 comfy.sd.CLIP with comfy.sd1_clip classes, comfy.sd.VAE with AutoencoderKL), so the
 result works with every stock node (CLIPTextEncode, KSampler, VAEDecode, ...).
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .tiny_models import TINY_SD15_UNET_CONFIG, build_tiny_sd15_model, init_weights_
+from .tiny_models import PREDICTIONS, TINY_SD15_UNET_CONFIG, build_tiny_sd15_model, init_weights_
 
 ARCHITECTURE_METADATA_KEY = "motionclone.architecture"
 FORMAT_VERSION = 1
@@ -131,7 +133,8 @@ def load_compact_checkpoint(path: str | Path) -> tuple[Any, Any, Any]:
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     _check_weights(path, _expected_shapes(architecture, path), sd)
 
-    model = build_tiny_sd15_model(unet_config=architecture["unet"], state_dict=_strip(sd, UNET_PREFIX))
+    model = build_tiny_sd15_model(unet_config=architecture["unet"], state_dict=_strip(sd, UNET_PREFIX),
+                                  prediction=architecture.get("prediction", "eps"))
     clip = _build_clip(architecture["clip"], _strip(sd, CLIP_PREFIX))
     vae = comfy.sd.VAE(sd=_strip(sd, VAE_PREFIX), config={"params": copy.deepcopy(architecture["vae"])})
     return model, clip, vae
@@ -206,6 +209,8 @@ def _validate_architecture(architecture: Any, path: Path) -> None:
     for part in ("unet", "clip", "vae"):
         if not isinstance(architecture.get(part), dict):
             fail(f"'{part}' must be an object")
+    if architecture.get("prediction", "eps") not in PREDICTIONS:
+        fail(f"'prediction' must be one of {PREDICTIONS} (default 'eps'), got {architecture['prediction']!r}")
     unet, clip, vae = architecture["unet"], architecture["clip"], architecture["vae"]
     if not isinstance(vae.get("ddconfig"), dict) or "embed_dim" not in vae:
         fail("'vae' needs 'ddconfig' and 'embed_dim'")
@@ -236,6 +241,8 @@ def _expected_shapes(architecture: dict[str, Any], path: Path) -> dict[str, torc
     saved_clip = {k: v for k, v in clip.state_dict().items() if _CLIP_MODULE_PREFIX + k not in _CLIP_UNSAVED}
     shapes.update({CLIP_PREFIX + k: v.shape for k, v in saved_clip.items()})
     shapes.update({VAE_PREFIX + k: v.shape for k, v in vae.state_dict().items()})
+    if architecture.get("prediction") == "v":
+        shapes["v_pred"] = torch.Size([0])  # ComfyUI's own marker of v-prediction checkpoints (state_dict_for_saving)
     return shapes
 
 

@@ -48,22 +48,34 @@ def init_weights_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None
                 param.copy_(torch.randn(param.shape, generator=gen) / max(fan_in, 1) ** 0.5)
 
 
+PREDICTIONS = ("eps", "v")
+
+
 def build_tiny_sd15_model(
-    seed: int = 0, unet_config: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None
+    seed: int = 0,
+    unet_config: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    prediction: str = "eps",
 ):
-    """A ComfyUI MODEL (ModelPatcher around comfy.model_base.BaseModel, SD1.5 class, eps).
+    """A ComfyUI MODEL (ModelPatcher around comfy.model_base.BaseModel, SD1.5 class).
 
     With `state_dict` (keys as in `diffusion_model.*` without that prefix) the weights
-    are loaded strictly; otherwise they are random from `seed`.
+    are loaded strictly; otherwise they are random from `seed`. `prediction` is the
+    parameterisation: "eps" (SD1.5) or "v" (as SD2-768 and v-prediction SD1.5 fine-tunes).
     """
+    import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     config = copy.deepcopy(unet_config or TINY_SD15_UNET_CONFIG)
     model_config = comfy.supported_models.SD15(config)
     model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
+    # What model_config.get_model does, with the model type chosen here instead of guessed from weights.
+    model_type = comfy.model_base.ModelType.EPS if prediction == "eps" else comfy.model_base.ModelType.V_PREDICTION
+    model = comfy.model_base.BaseModel(model_config, model_type=model_type, device=torch.device("cpu"))
     if state_dict is None:
         init_weights_(model.diffusion_model, seed)
     else:

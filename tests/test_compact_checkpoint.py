@@ -119,6 +119,33 @@ def test_save_load_round_trip(tiny_path, loaded, tmp_path):
     assert torch.equal(vae.decode(latent), vae2.decode(latent))
 
 
+def test_v_prediction_round_trip(loaded, tmp_path):
+    """A v-prediction model saves with ComfyUI's `v_pred` marker and loads back as V_PREDICTION."""
+    import comfy.model_base
+
+    from motionclone.motion_core.tiny_models import build_tiny_sd15_model
+
+    model, clip, vae = loaded
+    arch = tiny_architecture() | {"prediction": "v"}
+    unet_sd = {k: v.float() for k, v in model.model.diffusion_model.state_dict().items()}
+    v_model = build_tiny_sd15_model(unet_config=arch["unet"], state_dict=unet_sd, prediction="v")
+    path = save_compact_checkpoint(tmp_path / "v.safetensors", v_model, clip, vae, arch)
+    assert "v_pred" in safetensors.torch.load_file(str(path))
+    reloaded, _clip, _vae = load_compact_checkpoint(path)
+    assert reloaded.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    assert model.model.model_type == comfy.model_base.ModelType.EPS
+    # Same UNet weights, other parameterisation: the same raw output, another denoised estimate.
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.equal(model.model.diffusion_model(x, t, context), reloaded.model.diffusion_model(x, t, context))
+    assert not torch.allclose(_unet_out(model), _unet_out(reloaded))
+
+    bad = _rewrite(path, tmp_path / "x.safetensors",
+                   metadata={ARCHITECTURE_METADATA_KEY: json.dumps(arch | {"prediction": "x0"})})
+    with pytest.raises(ValueError, match="'prediction' must be one of"):
+        load_compact_checkpoint(bad)
+
+
 def test_tiny_checkpoint_is_seeded(tiny_path, tmp_path):
     same = safetensors.torch.load_file(str(write_tiny_checkpoint(tmp_path / "a.safetensors", seed=0)))
     other = safetensors.torch.load_file(str(write_tiny_checkpoint(tmp_path / "b.safetensors", seed=1)))

@@ -99,6 +99,7 @@ MOTION_RECIPES: dict[str, MotionRecipe] = {
     "joint": MotionRecipe(steps=1500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
     "joint_long": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
     "joint_x0": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=100.0),
+    "joint3k": MotionRecipe(steps=3000, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=None),
 }
 
 
@@ -247,15 +248,34 @@ def demo_unet_config() -> dict[str, Any]:
     return copy.deepcopy({**TINY_SD15_UNET_CONFIG, **DEMO_UNET_OVERRIDES})
 
 
-def architecture() -> dict[str, Any]:
+def architecture(prediction: str = "eps") -> dict[str, Any]:
     from motionclone.motion_core import compact_checkpoint as cc
 
-    return {
+    arch = {
         "format": cc.FORMAT_VERSION,
         "unet": demo_unet_config(),
         "clip": copy.deepcopy(cc.TINY_CLIP_CONFIG),
         "vae": copy.deepcopy(DEMO_VAE_CONFIG),
     }
+    if prediction != "eps":  # eps is the format's default: eps files keep their metadata
+        arch["prediction"] = prediction
+    return arch
+
+
+def stage_name(args, stage: str) -> str:
+    """Checkpoint name of a stage: the UNet stages of a v-prediction run are separate."""
+    if stage == "motion" and args.motion_recipe != "shipped":
+        stage = f"motion_{args.motion_recipe}"
+    return stage if args.prediction == "eps" or stage in ("vae", "latents") else f"{stage}_{args.prediction}"
+
+
+def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+                     prediction: str) -> torch.Tensor:
+    """What the UNet is trained to output: the noise (eps) or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    if prediction == "eps":
+        return noise
+    a = abar[t].float().view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -525,9 +545,10 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
     from motionclone.motion_core.schedule import sd15_alphas_cumprod
     from motionclone.motion_core.tiny_models import build_tiny_sd15_model
 
-    done = ck.load("image")
+    stage = stage_name(args, "image")
+    done = ck.load(stage)
     if done is not None:
-        log("image: loaded finished stage")
+        log(f"{stage}: loaded finished stage")
         return done["unet"], done["clip"]
     torch.manual_seed(args.seed + 10)
     unet = build_tiny_sd15_model(args.seed, unet_config=demo_unet_config()).model.diffusion_model
@@ -553,7 +574,7 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
     )
     ema = EMA(params_unet + params_text + [emb], decay=0.998)
     total, start = args.steps["image"], 0
-    partial = ck.load("image_partial")
+    partial = ck.load(f"{stage}_partial")
     if partial is not None:
         unet.load_state_dict(partial["unet"])
         text.text_model.load_state_dict(partial["clip"])
@@ -577,13 +598,13 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
             g["lr"] = lr_at(step, total, args.lr)
         context = text.encode(texts)
         pred = unet(noised(x0, t, noise, abar), t.float(), context)
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, diffusion_target(x0, noise, t, abar, args.prediction))
         optimiser_step(opt, loss, params_unet + params_text + [emb])
         ema.update(step)
         if progress.update(step, loss.item()):
             progress.log(step, f"loss {loss.item():.4f} (avg {progress.avg:.4f})")
         if (step + 1) % 250 == 0 and step + 1 < total:
-            ck.save("image_partial", {"unet": unet.state_dict(), "clip": text.state_dict(), "opt": opt.state_dict(),
+            ck.save(f"{stage}_partial", {"unet": unet.state_dict(), "clip": text.state_dict(), "opt": opt.state_dict(),
                                       "ema": ema.shadow, "step": step + 1})
     # Ship the EMA weights.
     with torch.no_grad():
@@ -591,7 +612,7 @@ def train_image(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str])
             p.copy_(s)
     out = {"unet": fp16_round(unet.state_dict()), "clip": fp16_round(text.state_dict()),
            "final_loss_avg": progress.avg}
-    ck.save("image", out)
+    ck.save(stage, out)
     return out["unet"], out["clip"]
 
 
@@ -633,7 +654,7 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
     from motionclone.motion_core.schedule import sd15_alphas_cumprod
 
     recipe = MOTION_RECIPES[args.motion_recipe]
-    stage = _motion_stage(args)
+    stage = stage_name(args, "motion")
     done = ck.load(stage)
     if done is not None:
         log("motion: loaded finished stage")
@@ -703,14 +724,15 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
             g["lr"] = lr_at(step, total, g["base_lr"])
         # cond_or_uncond has one entry per video: the motion layers split the batch into videos by it.
         pred = unet(xt, tt, context, transformer_options={**options, "cond_or_uncond": [0] * n_vid})
+        target = diffusion_target(x0, noise, t, abar, args.prediction).flatten(0, 1)
         if recipe.max_weight is None:
-            loss = F.mse_loss(pred, noise.flatten(0, 1))
+            loss = F.mse_loss(pred, target)
         else:
             # eps-MSE weighted towards x0-MSE (1/SNR, clamped): at high noise a small eps error is a
             # large error in the frame being formed, and plain eps-MSE hardly rewards consistent frames.
             a_t = abar[t].float()
             weight = ((1 - a_t) / a_t).clamp(1.0, recipe.max_weight).repeat_interleave(n_frames)
-            per_frame = (pred - noise.flatten(0, 1)).square().mean(dim=(1, 2, 3))
+            per_frame = (pred - target).square().mean(dim=(1, 2, 3))
             loss = (weight * per_frame).mean() / weight.mean()
         optimiser_step(opt, loss, params)
         ema.update(step)
@@ -726,10 +748,6 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
            "final_loss_avg": progress.avg}
     ck.save(stage, out)
     return out["adapter"], out["unet"]
-
-
-def _motion_stage(args) -> str:
-    return "motion" if args.motion_recipe == "shipped" else f"motion_{args.motion_recipe}"
 
 
 def _unet_only(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -759,8 +777,8 @@ def export(args, ck: Checkpoints, vae_sd, unet_sd, clip_sd, adapter_sd, t_start:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    arch = architecture()
-    model = build_tiny_sd15_model(unet_config=arch["unet"], state_dict=unet_sd)
+    arch = architecture(args.prediction)
+    model = build_tiny_sd15_model(unet_config=arch["unet"], state_dict=unet_sd, prediction=args.prediction)
     clip = cc._build_clip(arch["clip"], None)
     cc._clip_encoder(clip).transformer.text_model.load_state_dict(clip_sd)
     vae = comfy.sd.VAE(sd=vae_sd, config={"params": copy.deepcopy(arch["vae"])})
@@ -774,7 +792,8 @@ def export(args, ck: Checkpoints, vae_sd, unet_sd, clip_sd, adapter_sd, t_start:
     summary = {
         "seed": args.seed,
         "steps": args.steps,
-        "losses": {name: (ck.load(name) or {}).get("final_loss_avg") for name in ("image", _motion_stage(args))},
+        "losses": {name: (ck.load(name) or {}).get("final_loss_avg")
+                   for name in (stage_name(args, "image"), stage_name(args, "motion"))},
         "files": {p.name: p.stat().st_size for p in (ckpt_path, mm_path)},
         "wall_time_s": round(time.monotonic() - t_start, 1),
     }
@@ -839,6 +858,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4, help="UNet + text encoder")
     p.add_argument("--motion-recipe", choices=sorted(MOTION_RECIPES), default="shipped",
                    help="motion-stage settings (default %(default)s: the shipped motion module)")
+    p.add_argument("--prediction", choices=("eps", "v"), default="eps",
+                   help="UNet parameterisation (default %(default)s); the image and motion stages of a v run are "
+                        "kept apart from the eps ones")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4, help="KL weight (per latent element, vs per-pixel MSE)")
     p.add_argument("--vae-low", type=float, default=4.0, help="weight of the 8x8-pooled colour MSE")
@@ -848,8 +870,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.steps = default_steps(args.motion_recipe)
     if args.out is None:
-        args.out = str(ROOT / "demo_model") if args.motion_recipe == "shipped" else \
-            str(Path(args.work) / f"{args.motion_recipe}_out")
+        shipped = args.motion_recipe == "shipped" and args.prediction == "eps"
+        args.out = str(ROOT / "demo_model") if shipped else \
+            str(Path(args.work) / f"{stage_name(args, 'motion')}_out")
     if args.quick:
         args.steps = {"vae_crop": 20, "vae_full": 4, "image": 20, "motion": 20}
         args.clips = 8
