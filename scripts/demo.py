@@ -10,7 +10,7 @@ model (demo_model/*.safetensors, placed in the base's model folders): a procedur
 generated reference clip (a red circle on a curve) -> Extract Sparse Motion -> Motion Guided
 Sampler with a new subject ("blue square"), plus the unguided KSampler from the same seed.
 It saves the frames and an mp4, then writes side_by_side.png / side_by_side.gif (rows:
-reference, guided, unguided) and prints the LK-track motion fidelity of both.
+reference, guided, unguided) and prints the LK-track motion fidelity and motion recall of both.
 `--workflow workflows/motionclone_smoke_api.json` runs the tiny random-weight smoke graph
 (tiny model files are generated for any loader that names a missing file).
 Exit code 0 on success.
@@ -158,7 +158,7 @@ def write_reference_clip(path: Path) -> None:
 
 def compose_side_by_side(paths: list[Path], out_dir: Path) -> dict[str, Any]:
     """side_by_side.png (rows: reference, guided, unguided) and an animated side_by_side.gif,
-    plus the LK-track motion fidelity of guided and unguided against the reference."""
+    plus motion fidelity and recall of guided and unguided against the reference."""
     import numpy as np
     from PIL import Image
 
@@ -175,9 +175,9 @@ def compose_side_by_side(paths: list[Path], out_dir: Path) -> dict[str, Any]:
     strip = [Image.fromarray(np.concatenate([rows[k][i] for k in rows], axis=1)) for i in range(len(rows["guided"]))]
     gif = out_dir / "side_by_side.gif"
     strip[0].save(gif, save_all=True, append_images=strip[1:], duration=125, loop=0)
-    from motionclone.motion_core.motion_fidelity import motion_fidelity
+    from motionclone.motion_core.motion_fidelity import motion_scores
 
-    scores = {k: motion_fidelity(rows["reference"], rows[k]) for k in ("guided", "unguided")}
+    scores = {k: motion_scores(rows["reference"], rows[k]) for k in ("guided", "unguided")}
     return {"png": png, "gif": gif, **scores}
 
 
@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                 if composed:
                     print(f"side by side (reference / guided / unguided): {composed['png']}")
                     print(f"animated side by side: {composed['gif']}")
-                    print(f"LK-track motion fidelity vs the reference: guided {composed['guided']:.3f}, "
-                          f"unguided {composed['unguided']:.3f}")
+                    g, u = composed["guided"], composed["unguided"]
+                    print(f"vs the reference: LK-track motion fidelity guided {g.fidelity:.3f}, unguided "
+                          f"{u.fidelity:.3f}; motion recall guided {g.recall:.3f}, unguided {u.recall:.3f}")
     except (ServerStartError, ComfyError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

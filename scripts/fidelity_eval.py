@@ -41,8 +41,10 @@ class DemoSettings:
 class ClipResult:
     name: str
     seed: int
-    guided: float
+    guided: float  # LK-track motion fidelity (the field's one-sided score)
     unguided: float
+    guided_recall: float  # motion recall: the reference's moving tracks found in the video
+    unguided_recall: float
     extract_s: float
     guided_s: float
     unguided_s: float
@@ -82,7 +84,7 @@ def evaluate_clip(model, clip, vae, name: str, frames: np.ndarray, prompt: str, 
         attention_layers_of,
         select_layers,
     )
-    from motionclone.motion_core.motion_fidelity import motion_fidelity
+    from motionclone.motion_core.motion_fidelity import motion_scores
 
     reference = torch.from_numpy(frames).float() / 255.0
     with torch.no_grad():
@@ -106,9 +108,10 @@ def evaluate_clip(model, clip, vae, name: str, frames: np.ndarray, prompt: str, 
         times[mode] = time.perf_counter() - t0
         with torch.no_grad():
             out_frames[mode] = _to_uint8(vae.decode(samples))
-        scores[mode] = motion_fidelity(frames, out_frames[mode])
-    return ClipResult(name, seed, scores["guided"], scores["unguided"], extract_s, times["guided"], times["unguided"],
-                      motion.nbytes(), motion.dense_nbytes(), out_frames)
+        scores[mode] = motion_scores(frames, out_frames[mode])
+    return ClipResult(name, seed, scores["guided"].fidelity, scores["unguided"].fidelity, scores["guided"].recall,
+                      scores["unguided"].recall, extract_s, times["guided"], times["unguided"], motion.nbytes(),
+                      motion.dense_nbytes(), out_frames)
 
 
 def procedural_clips():
@@ -125,17 +128,35 @@ def procedural_clips():
     return sys.modules[name]
 
 
+MIN_MOVING_TRACKS = 24  # of the 16 x 16 tracked grid: the reference's motion must be visible to the tracker
+
+
 def synthetic_clips(count: int, size: int, frames: int, first_seed: int = 10_000) -> list[tuple[str, np.ndarray, str]]:
     """(name, frames, new-subject prompt) for procedurally generated reference clips.
 
-    The prompt names another colour and shape than the clip's, so the motion, not the
-    appearance, is what guidance has to carry over. Seeds above the training range.
+    Clip i has trajectory kind i mod 5 and the first seed (first_seed + i, then + 5, + 10, ...)
+    whose clip LK can follow: at least MIN_MOVING_TRACKS grid tracks that move (a flat shape
+    drifting slowly over a flat background can leave LK nothing to measure, and then a score
+    compares static backgrounds only). The prompt names another colour and shape than the clip's,
+    so the motion, not the appearance, is what guidance has to carry over. Seeds above the
+    training range.
     """
+    from motionclone.motion_core.motion_fidelity import track_points
+
     pc = procedural_clips()
     out = []
     trajectories = list(pc.TRAJECTORIES)
+    static_px = 0.1 * size / 64
     for i in range(count):
-        c = pc.make_clip(first_seed + i, frames=frames, size=size, trajectory=trajectories[i % len(trajectories)])
+        for k in range(100):
+            c = pc.make_clip(first_seed + i + len(trajectories) * k, frames=frames, size=size,
+                             trajectory=trajectories[i % len(trajectories)])
+            tracks, _valid = track_points(c.frames)
+            speed = np.linalg.norm(np.diff(tracks, axis=1), axis=-1).mean(axis=1)
+            if int((speed >= 2 * static_px).sum()) >= MIN_MOVING_TRACKS:
+                break
+        else:
+            raise RuntimeError(f"no trackable {trajectories[i % len(trajectories)]} clip in 100 seeds")
         colours, shapes = list(pc.COLOURS), list(pc.SHAPES)
         colour = colours[(colours.index(c.colour) + 1) % len(colours)]
         new = f"{colour} {shapes[(shapes.index(c.shape) + 2) % len(shapes)]}"

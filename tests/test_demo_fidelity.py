@@ -1,14 +1,15 @@
-"""Regression guard: on the embedded demo model MotionClone guidance clones motion.
+"""MotionClone guidance on the embedded demo model, at the demo workflow's settings.
 
-Five procedural reference clips (one per trajectory kind: translate, curve, zoom in, zoom out,
-bounce; seeds past the training set) x two seeds. For each: extract the clip's sparse motion,
-then sample a *different* subject from the same seed with and without guidance (ddim, 12 steps,
-8 guided, weight 2000, cfg 7.5) and score both against the reference with the LK-track motion
-fidelity (CPU proxy of the CoTracker score, motion_core/motion_fidelity.py).
+What is guarded: on the shipped model, guidance pulls the generated video's temporal attention
+toward the reference's sparse motion (the MotionClone loss at the last guided step is well below
+the loss of the unguided trajectory), on five procedural reference clips (one per trajectory kind,
+seeds past the training set, picked so that LK can see their motion).
 
-Measured with the shipped weights: guided 0.554, unguided 0.479, margin +0.075 (7 of 10 runs
-better, 2 slightly worse); `scripts/benchmark.py fidelity` prints the table. The test asserts
-about half that margin, so a broken guidance (margin ~0) fails it.
+What is *not* guarded, because it does not hold: that the generated subject follows the
+reference's motion. On this tiny model the temporal attention maps are close to uniform and
+carry little of the motion (see demo_model/MODEL_CARD.md), so aligning them barely moves the
+subject: `scripts/benchmark.py fidelity` prints LK-track motion fidelity and motion recall guided
+vs unguided, and neither shows a clear margin.
 """
 
 from __future__ import annotations
@@ -22,22 +23,53 @@ from comfy_server import SCRIPTS
 sys.path.insert(0, str(SCRIPTS))
 import fidelity_eval as fe  # noqa: E402
 
-MIN_MARGIN = 0.035
+DEMO_SETTINGS = fe.DemoSettings(steps=20, guided_steps=12, weight=1000.0)  # as demo_model/motionclone_demo_api.json
 
 
-def test_guided_motion_fidelity_beats_unguided_on_synthetic_clips():
+def _last_guided_loss(model, clip, vae, frames: np.ndarray, prompt: str, weight: float) -> float:
+    import comfy.sample
+
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guided_sampling import (
+        GuidanceSettings,
+        MotionGuidance,
+        attention_layers_of,
+        select_layers,
+    )
+
+    s = DEMO_SETTINGS
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(frames).float() / 255.0)
+    empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    motion = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=s.timestep, seed=0)
+    guidance = MotionGuidance(motion, GuidanceSettings(weight, s.guided_steps, 0.4, s.warmup, s.cooldown))
+    latent = torch.zeros_like(latents)
+    comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, 0), s.steps, s.cfg, s.sampler,
+                        s.scheduler, positive, empty, latent, seed=0, disable_pbar=True)
+    assert len(guidance.losses) == s.guided_steps
+    return guidance.losses[-1][1]
+
+
+def test_guidance_aligns_temporal_attention_on_the_demo_model():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # also the fastest setting on a shared 2-core machine
     try:
         model, clip, vae = fe.load_demo_model()
-        settings = fe.DemoSettings(steps=12, guided_steps=8, weight=2000.0)
-        rows = [fe.evaluate_clip(model, clip, vae, name, frames, prompt, seed, settings)
-                for name, frames, prompt in fe.synthetic_clips(5, 128, 8) for seed in (0, 1)]
+        rows = []
+        for name, frames, prompt in fe.synthetic_clips(5, 128, 8):
+            # A weight of 1e-4 leaves the trajectory unguided (the update is ~1e-7 of the latent)
+            # but still records the loss.
+            unguided = _last_guided_loss(model, clip, vae, frames, prompt, 1e-4)
+            guided = _last_guided_loss(model, clip, vae, frames, prompt, DEMO_SETTINGS.weight)
+            rows.append((name, guided, unguided))
+            print(f"{name:30} motion loss at the last guided step: guided {guided:.3f} unguided {unguided:.3f}")
     finally:
         torch.set_num_threads(threads)
-    guided, unguided = np.mean([r.guided for r in rows]), np.mean([r.unguided for r in rows])
-    for r in rows:
-        print(f"{r.name:30} seed {r.seed}: guided {r.guided:.3f} unguided {r.unguided:.3f}")
-    print(f"mean guided {guided:.3f} unguided {unguided:.3f} margin {guided - unguided:+.3f}")
-    assert guided - unguided >= MIN_MARGIN
-    assert sum(r.guided > r.unguided for r in rows) >= 5
+    ratio = np.mean([g for _, g, _ in rows]) / np.mean([u for _, _, u in rows])
+    print(f"mean ratio guided / unguided {ratio:.2f}")
+    # Measured: 0.036 vs 0.084, 0.084 vs 0.129, 0.052 vs 0.090, 0.077 vs 0.037 (zoom out), 0.064 vs 0.114;
+    # ratio of the means 0.69. A guidance that does nothing gives ~1.
+    assert ratio < 0.85
+    assert sum(g < u for _, g, u in rows) >= 4

@@ -67,6 +67,7 @@ def _red_blob_area(frame: np.ndarray) -> int:
 
 def test_shipped_files_load_through_the_pack_loaders(demo):
     arch = read_architecture(CKPT)
+    assert arch["prediction"] == "v"  # see MODEL_CARD.md: eps prediction gave no usable temporal prior
     unet = arch["unet"]
     assert len(unet["channel_mult"]) == 4  # SD1.5 layout: 4 levels, attention on the first three
     assert unet["transformer_depth"] == [1, 1, 1, 1, 1, 1, 0, 0]
@@ -80,22 +81,22 @@ def test_shipped_files_load_through_the_pack_loaders(demo):
 
 
 def test_red_circle_prompt_gives_a_red_blob_and_blue_square_does_not(samples):
-    # Measured (12 euler steps): median largest red blob per frame, "red circle" 324 / 620 px
-    # (seeds 0 / 1, every frame >= 68 px); "blue square" 0 / 0 px (a few stray frames up to 130).
+    # Measured (12 euler steps): median largest red blob per frame, "red circle" 1912 / 1615 px
+    # (seeds 0 / 1, every frame >= 1534 px); "blue square" 0 / 0 px (one stray frame of 20 px).
     for seed in range(2):
         red = [_red_blob_area(f) for f in samples("video", "red circle", seed)]
         blue = [_red_blob_area(f) for f in samples("video", "blue square", seed)]
-        assert min(red) >= 40 and np.median(red) >= 150, (seed, red)
+        assert min(red) >= 400 and np.median(red) >= 800, (seed, red)
         assert np.median(blue) <= 30, (seed, blue)
 
 
 def test_motion_module_makes_consecutive_frames_more_coherent(samples):
     # Same prompts and per-frame noise with and without the motion module. Measured mean
-    # |frame[i+1] - frame[i]|: 0.194 vs 0.212 (red circle, seed 0) and 0.215 vs 0.225 (blue
-    # square, seed 1): the shipped motion prior is real but weak (4-12 % steadier), see
-    # demo_model/MODEL_CARD.md. An identity motion module would give equal values.
+    # |frame[i+1] - frame[i]|: 0.068 vs 0.366 (red circle, seed 0) and 0.058 vs 0.269 (blue
+    # square, seed 1): the frames of a clip share background and subject (about 80 % less
+    # change than between independent images). An identity motion module would give equal values.
     for seed, text in ((0, "red circle"), (1, "blue square")):
         video, images = samples("video", text, seed), samples("image", text, seed)
         mad_video = np.abs(np.diff(video, axis=0)).mean()
         mad_images = np.abs(np.diff(images, axis=0)).mean()
-        assert mad_video < 0.98 * mad_images, (text, mad_video, mad_images)
+        assert mad_video < 0.4 * mad_images, (text, mad_video, mad_images)

@@ -2,9 +2,9 @@
 """Train the shipped demo model (demo_model/): a small SD1.5-architecture text-to-image
 model plus an AnimateDiff motion module, on procedural clips, on the CPU.
 
-    .dev/venv/bin/python training/train_demo_model.py            # the shipped files (about 35 min, one core)
+    .dev/venv/bin/python training/train_demo_model.py            # the shipped files (about 60 min, one core)
     .dev/venv/bin/python training/train_demo_model.py --quick    # a few steps per stage: checks the pipeline
-    .dev/venv/bin/python training/train_demo_model.py --motion-recipe joint   # the more coherent candidate
+    .dev/venv/bin/python training/train_demo_model.py --prediction eps --motion-recipe frozen   # the first model
 
 Stages (each saves `<work>/<stage>.pt` when done and `<work>/<stage>_partial.pt` every
 few hundred steps, so a rerun resumes instead of starting over; stages already done are loaded):
@@ -13,7 +13,8 @@ few hundred steps, so a rerun resumes instead of starting over; stages already d
           quant_conv/post_quant_conv so that SD1.5's latent scale (0.18215) gives zero-mean,
           unit-std latents per channel
   encode  the clip dataset -> VAE latents (posterior mode, as ComfyUI's VAEEncode)
-  image   UNet + CLIP text encoder on single frames (eps prediction, SD1.5 DDPM schedule)
+  image   UNet + CLIP text encoder on single frames (SD1.5 DDPM schedule; v prediction by default,
+          since eps prediction gave frames close to independent images, see the model card)
   motion  AnimateDiff MotionAdapter on 8- and 16-frame clips, run through the pack's own
           injection (motion_core.injection.apply_motion_modules); settings per MOTION_RECIPES
   export  fp16 compact checkpoint + motion module in the original AnimateDiff key format,
@@ -90,20 +91,21 @@ class MotionRecipe:
 
 
 MOTION_RECIPES: dict[str, MotionRecipe] = {
-    # The shipped motion module: frozen image UNet, plain eps-MSE, uniform timesteps. Learns little
-    # cross-frame coherence (see demo_model/MODEL_CARD.md).
-    "shipped": MotionRecipe(steps=1200, mm_lr=5e-4, unet_lr=0.0, ema=0.998, high_t=False, max_weight=None),
-    # A candidate with clearly more coherent frames: UNet fine-tuned along, noisy timesteps and
-    # x0-like weighting emphasised. Not shipped: MotionClone guidance at the pack's default settings
-    # did not improve motion fidelity on it (tests/test_demo_fidelity.py fails with it).
-    "joint": MotionRecipe(steps=1500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
-    "joint_long": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
-    "joint_x0": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=100.0),
+    # The shipped motion module (with --prediction v, the default): image UNet fine-tuned along,
+    # 3 in 4 timesteps from t >= 400, plain MSE on the UNet's target.
     "joint3k": MotionRecipe(steps=3000, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=None),
+    # Earlier tries, all with eps prediction (see demo_model/MODEL_CARD.md, "How we got here"): frames
+    # stayed close to independent images.
+    # AnimateDiff style: frozen image UNet, plain eps-MSE, uniform timesteps (the first shipped module).
+    "frozen": MotionRecipe(steps=1200, mm_lr=5e-4, unet_lr=0.0, ema=0.998, high_t=False, max_weight=None),
+    # UNet fine-tuned along, noisy timesteps and x0-like weighting emphasised.
+    "joint": MotionRecipe(steps=1500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
+    "joint_x0": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=100.0),
 }
+DEFAULT_RECIPE, DEFAULT_PREDICTION = "joint3k", "v"
 
 
-def default_steps(recipe: str = "shipped") -> dict[str, int]:
+def default_steps(recipe: str = DEFAULT_RECIPE) -> dict[str, int]:
     return {"vae_crop": 1500, "vae_full": 150, "image": 2000, "motion": MOTION_RECIPES[recipe].steps}
 
 
@@ -264,7 +266,7 @@ def architecture(prediction: str = "eps") -> dict[str, Any]:
 
 def stage_name(args, stage: str) -> str:
     """Checkpoint name of a stage: the UNet stages of a v-prediction run are separate."""
-    if stage == "motion" and args.motion_recipe != "shipped":
+    if stage == "motion" and args.motion_recipe != "frozen":  # "frozen" keeps its first name
         stage = f"motion_{args.motion_recipe}"
     return stage if args.prediction == "eps" or stage in ("vae", "latents") else f"{stage}_{args.prediction}"
 
@@ -667,7 +669,7 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
     mm_params = list(adapter.parameters())
     mm_ids = {id(p) for p in mm_params}
     unet_params = [p for p in unet.parameters() if id(p) not in mm_ids]  # the image UNet's own weights
-    # "joint" fine-tunes the image UNet too, at a lower rate. Frozen (AnimateDiff style, "shipped"),
+    # "joint*" fine-tune the image UNet too, at a lower rate. Frozen (AnimateDiff style, "frozen"),
     # this tiny UNet leaves the module little to work with: its features mix each frame's own noise
     # (which the eps output must keep) with the content (which frames should share), and x0
     # predictions stayed barely more consistent across frames than independent ones.
@@ -848,7 +850,7 @@ def check_shipped(ckpt_path: Path, mm_path: Path, work: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None,
-                   help="output folder (default: demo_model/ for the shipped recipe, <work>/<recipe>_out otherwise)")
+                   help="output folder (default: demo_model/ for the default settings, else <work>/<stage>_out)")
     p.add_argument("--work", default=str(ROOT / ".dev" / "demo_training"), help="checkpoints (default %(default)s)")
     p.add_argument("--ckpt-name", default="motionclone_demo_sd15.safetensors")
     p.add_argument("--mm-name", default="motionclone_demo_mm.safetensors")
@@ -856,9 +858,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("--clips", type=int, default=DATASET_CLIPS, help="dataset clips (16 frames each)")
     p.add_argument("--lr", type=float, default=5e-4, help="UNet + text encoder")
-    p.add_argument("--motion-recipe", choices=sorted(MOTION_RECIPES), default="shipped",
+    p.add_argument("--motion-recipe", choices=sorted(MOTION_RECIPES), default=DEFAULT_RECIPE,
                    help="motion-stage settings (default %(default)s: the shipped motion module)")
-    p.add_argument("--prediction", choices=("eps", "v"), default="eps",
+    p.add_argument("--prediction", choices=("eps", "v"), default=DEFAULT_PREDICTION,
                    help="UNet parameterisation (default %(default)s); the image and motion stages of a v run are "
                         "kept apart from the eps ones")
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -870,7 +872,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.steps = default_steps(args.motion_recipe)
     if args.out is None:
-        shipped = args.motion_recipe == "shipped" and args.prediction == "eps"
+        shipped = args.motion_recipe == DEFAULT_RECIPE and args.prediction == DEFAULT_PREDICTION
         args.out = str(ROOT / "demo_model") if shipped else \
             str(Path(args.work) / f"{stage_name(args, 'motion')}_out")
     if args.quick:
