@@ -7,6 +7,10 @@
 samples over synthetic reference clips and the shared real clips, several seeds, with
 extraction time, sampling times, memory and MOTION size.
 
+`attention`: on the embedded demo model, whether its temporal attention carries motion: per
+guided layer, the entropy of the attention rows and how often the top-1 frame (what MOTION
+stores) is the same for a moving reference and for a still copy of its first frame.
+
 `guidance`: on the tiny SD1.5-architecture model with a tiny motion module, the time of a
 guided sampling step over a plain CFG step (KSampler), the peak memory of both (peak RSS of
 a fresh process per mode, above its RSS after loading), and the MOTION's stored size over
@@ -164,6 +168,26 @@ def bench_fidelity(args: argparse.Namespace) -> None:
           f"{_rss_mb() - base_rss:.0f} MB; MOTION {r0.motion_bytes} B vs dense fp16 {r0.dense_bytes} B")
 
 
+def bench_attention(args: argparse.Namespace) -> None:
+    """Temporal-attention diagnostics of the demo model (see fidelity_eval.temporal_attention_stats)."""
+    _bootstrap()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fidelity_eval as fe
+
+    model, clip, vae = fe.load_demo_model()
+    print(f"demo model, 8 frames at 128x128, layers {args.layers}, timestep {args.timestep}; uniform rows have "
+          f"entropy ln 8 = {np.log(8):.2f} nats; agreement = top-1 frame equal for the moving clip and a still copy")
+    for name, frames, _prompt in fe.synthetic_clips(args.clips, 128, 8):
+        stats = fe.temporal_attention_stats(model, clip, vae, frames, args.timestep, args.layers)
+        ent = [e for e, _ in stats.values()]
+        agree = [a for _, a in stats.values()]
+        print(f"{name:30} entropy {min(ent):.2f}..{max(ent):.2f}  agreement {min(agree):.2f}..{max(agree):.2f}  "
+              f"({len(stats)} layers)")
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "_guidance_worker":
         mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
@@ -186,8 +210,13 @@ def main(argv: list[str]) -> None:
     f.add_argument("--weight", type=float, default=1000.0, help="guidance weight (default: the demo workflow's)")
     f.add_argument("--threads", type=int, default=1, help="torch threads (more can be far slower on a busy machine)")
     f.add_argument("--no-real", action="store_true", help="skip the shared real reference clips")
+    a = sub.add_parser("attention", help="demo model: does its temporal attention carry motion?")
+    a.add_argument("--clips", type=int, default=3)
+    a.add_argument("--timestep", type=int, default=400)
+    a.add_argument("--layers", default="up_blocks.1")
+    a.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    {"guidance": bench_guidance, "fidelity": bench_fidelity}[args.cmd](args)
+    {"guidance": bench_guidance, "fidelity": bench_fidelity, "attention": bench_attention}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,44 @@ def real_clips(size: int, frames: int) -> list[tuple[str, np.ndarray, str]]:
         video = load_video_file(path, FrameSelection(evenly_spaced_frames=frames), ResizeSpec(size, size, "stretch"))
         out.append((path.stem, _to_uint8(video.images), "red circle"))
     return out
+
+
+def temporal_attention_stats(model, clip, vae, frames: np.ndarray, timestep: int = 400,
+                             prefix: str = "up_blocks.1", seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Does the model's temporal attention carry the motion MotionClone would extract?
+
+    Per temporal attention layer under `prefix`: (mean entropy of the attention rows in nats,
+    fraction of rows whose top-1 frame is the same for the moving clip `frames` and for a
+    still copy of its first frame). Uniform rows have entropy ln(F); an agreement near 1
+    means the sparse motion (top-1 indices) hardly depends on the motion.
+    """
+    import comfy.model_management
+
+    from motionclone.motion_core.attention_capture import CaptureState
+    from motionclone.motion_core.guided_sampling import attention_layers_of, select_layers
+    from motionclone.motion_core.injection import CAPTURE_KEY
+
+    layers = select_layers(attention_layers_of(model), prefix)
+    empty = _encode(clip, "")[0][0]
+    comfy.model_management.load_models_gpu([model])
+
+    def capture(video: np.ndarray) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            latent = model.model.process_latent_in(vae.encode(torch.from_numpy(video).float() / 255.0))
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+            sigma = model.model.model_sampling.sigma(torch.tensor([float(timestep)]))
+            x = model.model.model_sampling.noise_scaling(sigma, noise, latent)
+            state = CaptureState(layers)
+            n = latent.shape[0]
+            options = {**model.model_options["transformer_options"], "cond_or_uncond": [0], CAPTURE_KEY: state}
+            model.model.apply_model(x, sigma.expand(n), c_crossattn=empty.expand(n, -1, -1),
+                                    transformer_options=options)
+        return state.probs
+
+    moving, still = capture(frames), capture(np.repeat(frames[:1], len(frames), axis=0))
+    out = {}
+    for name in layers:
+        p, q = moving[name].float(), still[name].float()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
+        out[name] = (entropy, (p.argmax(-1) == q.argmax(-1)).float().mean().item())
+    return out
