@@ -1,11 +1,12 @@
 """Motion fidelity of MotionClone on the embedded demo model, guided vs unguided (in-process).
 
-Used by `scripts/benchmark.py fidelity` (figures) and `tests/test_demo_fidelity.py` (the
-regression guard). For each reference clip: VAE-encode it, extract its sparse motion with
-the empty prompt, then sample the clip's *other* subject prompt from the same seed twice,
-guided by the motion and unguided, decode, and score both against the reference with the
-LK-track motion fidelity (motion_core/motion_fidelity.py, a CPU proxy of the CoTracker score).
-Callers must have ComfyUI on sys.path and the pack imported as `motionclone`.
+Used by `scripts/benchmark.py fidelity` and `attention` (figures) and by
+`tests/test_demo_fidelity.py` (its clips and demo settings). For each reference clip: VAE-encode
+it, extract its sparse motion with the empty prompt, then sample the clip's *other* subject
+prompt from the same seed twice, guided by the motion and unguided, decode, and score both
+against the reference with the LK-track motion fidelity and motion recall
+(motion_core/motion_fidelity.py, a CPU proxy of the CoTracker score, and its static-proof
+companion). Callers must have ComfyUI on sys.path and the pack imported as `motionclone`.
 """
 
 from __future__ import annotations
