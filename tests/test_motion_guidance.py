@@ -165,6 +165,21 @@ def test_guidance_pulls_attention_toward_the_motion(model, motion, context):
     assert min(loss for _, loss in guided.losses[2:]) < 0.5 * unguided.losses[-1][1]
 
 
+def test_guidance_works_when_motion_weights_became_inference_tensors(base_model, motion, context, tmp_path):
+    """On a GPU, ComfyUI moves the loaded model (our injected motion modules included) with `.to()`
+    inside the prompt's inference_mode, which leaves inference-tensor weights that autograd cannot
+    save for backward. Same state here, made by converting the weights under inference_mode."""
+    path = write_tiny_motion_module(tmp_path / "mm.safetensors", seed=2, std=0.2)
+    adapter, info = load_motion_adapter(path)
+    with torch.inference_mode():
+        adapter.to(torch.float64).to(torch.float32)
+    assert all(p.is_inference() for p in adapter.parameters())
+    model = apply_motion_modules(base_model, adapter, info, install_processors(adapter))
+    with torch.inference_mode():  # as ComfyUI runs a prompt
+        out, guidance = _sample(model, motion, context, 10000.0, steps=6, guided=4)
+    assert torch.isfinite(out).all() and len(guidance.losses) == 4
+
+
 @pytest.mark.parametrize("sampler,scheduler", [("euler", "normal"), ("ddim", "ddim_uniform"),
                                                 ("dpmpp_2m", "karras")])
 def test_guided_sampling_works_with_comfy_samplers(model, motion, context, sampler, scheduler):
