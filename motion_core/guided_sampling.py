@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_capture import CaptureState
-from .control_grad import skip_residuals_as_patch
+from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
 from .injection import CAPTURE_KEY, INFO_KEY
 from .sparse_motion import SparseMotion
@@ -128,7 +128,7 @@ class MotionGuidance:
             state = CaptureState(self.motion.layers, on_layer=on_layer)
             options = dict(model_options)
             options["transformer_options"] = {**model_options.get("transformer_options", {}), CAPTURE_KEY: state}
-            cond_out = executor(model, [conds[0], None], x, timestep, options)[0].detach()
+            cond_out = executor(model, [controls_without_grad(conds[0]), None], x, timestep, options)[0].detach()
         if "grad" not in holder:
             raise RuntimeError(f"MOTION layers {self.motion.layers} were not all seen in the model's forward")
         self._grads[sigma] = holder["grad"].detach()

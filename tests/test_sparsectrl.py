@@ -440,6 +440,22 @@ def test_guided_sampling_with_a_core_controlnet_alone(video_model, base):
     assert not torch.allclose(with_control, run(pos, neg, 2000.0), atol=1e-4)  # and so did the ControlNet
 
 
+def test_guided_sampling_with_a_core_controlnet_loaded_in_inference_mode(video_model, base):
+    """As in a ComfyUI prompt: the ControlNet's weights are inference tensors (loaded by a node inside
+    inference_mode, or moved to a GPU there) and sampling runs under inference_mode."""
+    layers = select_layers(attention_layers_of(video_model), "up_blocks.1")
+    motion = extract_sparse_motion(video_model, torch.randn(FRAMES, 4, LATENT, LATENT), _context(1), layers)
+    with torch.inference_mode():
+        controlnet = _core_controlnet()
+        assert next(controlnet.control_model.parameters()).is_inference()
+        pos, neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(*_conds(), controlnet, _image(3), 0.8,
+                                                                          0.0, 1.0)
+        latent = {"samples": torch.zeros(FRAMES, 4, LATENT, LATENT)}
+        (out,) = MotionGuidedSampler.execute(video_model, 0, 3, 7.5, "euler", "normal", pos, neg, latent, 1.0, motion,
+                                             2000.0, 2, 0.4, 1, 1).result
+    assert torch.isfinite(out["samples"]).all()
+
+
 def test_extraction_runs_sparsectrl_on_the_reference_frames(controlnet_folder, video_model, base):
     from motionclone.motion_core.sparsectrl import condition_on_reference
     from motionclone.nodes.motion_nodes import ExtractSparseMotion
