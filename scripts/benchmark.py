@@ -133,13 +133,15 @@ def bench_fidelity(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     import fidelity_eval as fe
 
-    settings = fe.DemoSettings(steps=args.steps, guided_steps=args.guided_steps, weight=args.weight)
+    settings = fe.DemoSettings(steps=args.steps, guided_steps=args.guided_steps, weight=args.weight,
+                               scheduler=args.scheduler, noisy_fraction=args.noisy_fraction)
     model, clip, vae = fe.load_demo_model()
     size = args.size
     clips = fe.synthetic_clips(args.clips, size, args.frames)
     if not args.no_real:
         clips += fe.real_clips(size, args.frames)
-    print(f"demo model, {args.frames} frames at {size}x{size}, {settings.sampler}/{settings.scheduler} "
+    schedule = f"uneven r={settings.noisy_fraction}" if settings.scheduler == "uneven" else settings.scheduler
+    print(f"demo model, {args.frames} frames at {size}x{size}, {settings.sampler}/{schedule} "
           f"{settings.steps} steps ({settings.guided_steps} guided), weight {settings.weight}, cfg {settings.cfg}, "
           f"seeds {args.seeds}")
     print("fidelity: LK-track motion fidelity (CPU proxy of the CoTracker score, one-sided as in the field); "
@@ -159,8 +161,9 @@ def bench_fidelity(args: argparse.Namespace) -> None:
         if sel:
             g, u = np.mean([r.guided for r in sel]), np.mean([r.unguided for r in sel])
             gr, ur = np.nanmean([r.guided_recall for r in sel]), np.nanmean([r.unguided_recall for r in sel])
-            print(f"mean {group:10} fidelity guided {g:.3f} unguided {u:.3f} margin {g - u:+.3f} | recall guided "
-                  f"{gr:.3f} unguided {ur:.3f} margin {gr - ur:+.3f}  (n={len(sel)})")
+            wins = sum(r.guided > r.unguided for r in sel)
+            print(f"mean {group:10} fidelity guided {g:.3f} unguided {u:.3f} margin {g - u:+.3f} (guided higher in "
+                  f"{wins}/{len(sel)}) | recall guided {gr:.3f} unguided {ur:.3f} margin {gr - ur:+.3f}")
     r0 = rows[0]
     print(f"extraction {np.mean([r.extract_s for r in rows]):.2f} s; sampling guided "
           f"{np.mean([r.guided_s for r in rows]):.2f} s vs plain {np.mean([r.unguided_s for r in rows]):.2f} s "
@@ -179,13 +182,13 @@ def bench_attention(args: argparse.Namespace) -> None:
 
     model, clip, vae = fe.load_demo_model()
     print(f"demo model, 8 frames at 128x128, layers {args.layers}, timestep {args.timestep}; uniform rows have "
-          f"entropy ln 8 = {np.log(8):.2f} nats; agreement = top-1 frame equal for the moving clip and a still copy")
+          f"entropy ln 8 = {np.log(8):.2f} nats; agreement = top-1 frame equal for the moving clip and a still copy "
+          f"(all tokens / the tokens that move)")
     for name, frames, _prompt in fe.synthetic_clips(args.clips, 128, 8):
         stats = fe.temporal_attention_stats(model, clip, vae, frames, args.timestep, args.layers)
-        ent = [e for e, _ in stats.values()]
-        agree = [a for _, a in stats.values()]
-        print(f"{name:30} entropy {min(ent):.2f}..{max(ent):.2f}  agreement {min(agree):.2f}..{max(agree):.2f}  "
-              f"({len(stats)} layers)")
+        ent, agree, moving = (np.array([v[i] for v in stats.values()]) for i in range(3))
+        print(f"{name:30} entropy {ent.min():.2f}..{ent.max():.2f}  agreement {agree.min():.2f}..{agree.max():.2f} / "
+              f"moving {np.nanmin(moving):.2f}..{np.nanmax(moving):.2f}  ({len(stats)} layers)")
 
 
 def main(argv: list[str]) -> None:
@@ -208,6 +211,10 @@ def main(argv: list[str]) -> None:
     f.add_argument("--steps", type=int, default=20)
     f.add_argument("--guided-steps", type=int, default=12)
     f.add_argument("--weight", type=float, default=1000.0, help="guidance weight (default: the demo workflow's)")
+    f.add_argument("--scheduler", default="ddim_uniform",
+                   help="a ComfyUI scheduler (default: the demo workflow's) or 'uneven' (the reference's spacing: "
+                        "the guided steps dense over the noisy part)")
+    f.add_argument("--noisy-fraction", type=float, default=0.4, help="r of the uneven schedule")
     f.add_argument("--threads", type=int, default=1, help="torch threads (more can be far slower on a busy machine)")
     f.add_argument("--no-real", action="store_true", help="skip the shared real reference clips")
     a = sub.add_parser("attention", help="demo model: does its temporal attention carry motion?")

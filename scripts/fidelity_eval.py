@@ -11,6 +11,7 @@ companion). Callers must have ComfyUI on sys.path and the pack imported as `moti
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,15 +28,25 @@ DEMO_MOTION_MODULE = DEMO_DIR / "motionclone_demo_mm.safetensors"
 
 @dataclass
 class DemoSettings:
+    """The demo workflow's settings (demo_model/motionclone_demo_api.json)."""
+
     steps: int = 20
     guided_steps: int = 12
-    weight: float = 2000.0
+    weight: float = 1000.0
     cfg: float = 7.5
     sampler: str = "ddim"
+    # A ComfyUI scheduler, or "uneven": the reference spacing (guided steps dense over the noisy part).
     scheduler: str = "ddim_uniform"
+    noisy_fraction: float = 0.4  # r of the uneven schedule (the reference's object-motion preset)
     warmup: int = 2
     cooldown: int = 2
     timestep: int = 400
+
+    def sigmas(self) -> torch.Tensor | None:
+        """Explicit sigmas for the uneven schedule, None for a named ComfyUI scheduler."""
+        from motionclone.motion_core.schedule import uneven_sigmas
+
+        return uneven_sigmas(self.steps, self.guided_steps, self.noisy_fraction) if self.scheduler == "uneven" else None
 
 
 @dataclass
@@ -100,12 +111,15 @@ def evaluate_clip(model, clip, vae, name: str, frames: np.ndarray, prompt: str, 
     for mode in ("guided", "unguided"):
         sampling_model = model
         if mode == "guided":
-            guidance = GuidanceSettings(settings.weight, settings.guided_steps, 0.4, settings.warmup, settings.cooldown)
+            guidance = GuidanceSettings(settings.weight, settings.guided_steps, settings.noisy_fraction,
+                                        settings.warmup, settings.cooldown)
             sampling_model = MotionGuidance(motion, guidance).patch(model)
         t0 = time.perf_counter()
+        # Explicit sigmas (uneven schedule) override the scheduler name.
+        scheduler = "simple" if settings.scheduler == "uneven" else settings.scheduler
         samples = comfy.sample.sample(sampling_model, comfy.sample.prepare_noise(latent, seed), settings.steps,
-                                      settings.cfg, settings.sampler, settings.scheduler, positive, empty, latent,
-                                      seed=seed, disable_pbar=True)
+                                      settings.cfg, settings.sampler, scheduler, positive, empty, latent,
+                                      sigmas=settings.sigmas(), seed=seed, disable_pbar=True)
         times[mode] = time.perf_counter() - t0
         with torch.no_grad():
             out_frames[mode] = _to_uint8(vae.decode(samples))
@@ -178,13 +192,15 @@ def real_clips(size: int, frames: int) -> list[tuple[str, np.ndarray, str]]:
 
 
 def temporal_attention_stats(model, clip, vae, frames: np.ndarray, timestep: int = 400,
-                             prefix: str = "up_blocks.1", seed: int = 0) -> dict[str, tuple[float, float]]:
+                             prefix: str = "up_blocks.1", seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """Does the model's temporal attention carry the motion MotionClone would extract?
 
     Per temporal attention layer under `prefix`: (mean entropy of the attention rows in nats,
     fraction of rows whose top-1 frame is the same for the moving clip `frames` and for a
-    still copy of its first frame). Uniform rows have entropy ln(F); an agreement near 1
-    means the sparse motion (top-1 indices) hardly depends on the motion.
+    still copy of its first frame, the same fraction over the moving tokens only). Uniform rows
+    have entropy ln(F). Static tokens look alike in both clips, so the motion shows in the second
+    fraction: near 1 means the sparse motion (top-1 indices) hardly depends on the motion.
+    A token moves if some pixel of its patch has a standard deviation over the frames above 0.05.
     """
     import comfy.model_management
 
@@ -210,9 +226,14 @@ def temporal_attention_stats(model, clip, vae, frames: np.ndarray, timestep: int
         return state.probs
 
     moving, still = capture(frames), capture(np.repeat(frames[:1], len(frames), axis=0))
+    pixel_std = torch.from_numpy(frames).float().div(255.0).std(dim=0).amax(dim=-1)[None, None]  # [1, 1, H, W]
     out = {}
     for name in layers:
-        p, q = moving[name].float(), still[name].float()
+        p, q = moving[name].float(), still[name].float()  # [H x W tokens, heads, F, F]
+        side = math.isqrt(p.shape[0])
+        moves = torch.nn.functional.adaptive_max_pool2d(pixel_std, side).flatten() > 0.05
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
-        out[name] = (entropy, (p.argmax(-1) == q.argmax(-1)).float().mean().item())
+        same = (p.argmax(-1) == q.argmax(-1)).float()
+        moving_agree = same[moves].mean().item() if moves.any() else float("nan")
+        out[name] = (entropy, same.mean().item(), moving_agree)
     return out
