@@ -137,14 +137,18 @@ def apply_motion_modules(model, adapter, info: MotionModuleInfo, attention_layer
     patched = model.clone()
     slots = motion_slots(patched.get_model_object("diffusion_model"))
     _check_fit(slots, adapter, info)
+    import comfy.model_management
+
     by_block: dict[str, list[MotionSlot]] = defaultdict(list)
     for slot in slots:
         if _adapter_module(adapter, slot.diffusers_name) is not None:
             by_block[slot.block_path].append(slot)
+    added_bytes = 0
     for path, block_slots in by_block.items():
         (slot,) = block_slots  # AnimateDiff places one motion module per block
         original = original_layers(patched.get_model_object(f"diffusion_model.{path}"))
         layer = MotionModuleLayer(_adapter_module(adapter, slot.diffusers_name), slot.diffusers_name, info.max_frames)
+        added_bytes += comfy.model_management.module_size(layer)
         block = TimestepEmbedSequential()
         for i, (name, child) in enumerate(original):
             if i == slot.insert_at:
@@ -153,6 +157,9 @@ def apply_motion_modules(model, adapter, info: MotionModuleInfo, attention_layer
         if slot.insert_at == len(original):
             block.add_module(MOTION_MODULE_CHILD, layer)
         patched.add_object_patch(f"diffusion_model.{path}", block)
+    # ComfyUI plans loading and offloading with model_size(), measured on the bare model: count the
+    # injected modules too (the clone carries the size on to its own clones).
+    patched.size = patched.model_size() + added_bytes
     patched.set_model_forward_timestep_embed_patch((MotionModuleLayer, _run_motion_module))
     options: dict[str, Any] = patched.model_options["transformer_options"]
     options[INFO_KEY] = {"info": info, "attention_layers": list(attention_layers)}

@@ -145,6 +145,18 @@ def test_original_model_untouched_after_sampling(tiny_model, mm_path):
     assert not tiny_model.object_patches and "forward_timestep_embed_patch" not in str(tiny_model.model_options)
 
 
+def test_model_size_counts_the_motion_modules(tiny_model, mm_path):
+    # ComfyUI reserves memory and decides offloading from model_size(); the motion weights must be in it.
+    adapter, info = load_motion_adapter(mm_path)
+    base = tiny_model.model_size()
+    patched = apply_motion_modules(tiny_model, adapter, info, install_processors(adapter))
+    motion_bytes = sum(t.nbytes for t in adapter.state_dict().values())  # every module of it is injected
+    assert motion_bytes > 0
+    assert patched.model_size() == base + motion_bytes
+    assert patched.clone().model_size() == patched.model_size()
+    assert tiny_model.model_size() == base  # the input MODEL is not changed
+
+
 def test_capture_request_travels_through_transformer_options(tiny_model, mm_path):
     patched = _patched(tiny_model, mm_path)
     name = "up_blocks.1.motion_modules.0.transformer_blocks.0.attn2"
