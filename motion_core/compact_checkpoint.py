@@ -135,7 +135,7 @@ def load_compact_checkpoint(path: str | Path) -> tuple[Any, Any, Any]:
 
     model = build_tiny_sd15_model(unet_config=architecture["unet"], state_dict=_strip(sd, UNET_PREFIX),
                                   prediction=architecture.get("prediction", "eps"))
-    clip = _build_clip(architecture["clip"], _strip(sd, CLIP_PREFIX))
+    clip = build_clip(architecture["clip"], _strip(sd, CLIP_PREFIX))
     vae = comfy.sd.VAE(sd=_strip(sd, VAE_PREFIX), config={"params": copy.deepcopy(architecture["vae"])})
     return model, clip, vae
 
@@ -187,9 +187,9 @@ def write_tiny_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
 
     architecture = tiny_architecture()
     model = build_tiny_sd15_model(seed, unet_config=architecture["unet"])
-    clip = _build_clip(architecture["clip"], None)
-    init_weights_(_clip_encoder(clip).transformer.text_model, seed + 1)
-    vae_module = _vae_module(architecture["vae"])
+    clip = build_clip(architecture["clip"], None)
+    init_weights_(clip_text_model(clip).transformer.text_model, seed + 1)
+    vae_module = build_vae(architecture["vae"])
     init_weights_(vae_module, seed + 2)
     vae = comfy.sd.VAE(sd=vae_module.state_dict(), config={"params": copy.deepcopy(architecture["vae"])})
     return save_compact_checkpoint(path, model, clip, vae, architecture, dtype=torch.float16)
@@ -234,7 +234,7 @@ def _expected_shapes(architecture: dict[str, Any], path: Path) -> dict[str, torc
         unet = model_config.get_model({}, device=meta).diffusion_model
         clip = _clip_model_factory(architecture["clip"])(device=meta)
         with meta:
-            vae = _vae_module(architecture["vae"])
+            vae = build_vae(architecture["vae"])
     except Exception as e:  # bad config values surface as assorted errors deep in ComfyUI
         raise ValueError(f"{path}: cannot build the model from its '{ARCHITECTURE_METADATA_KEY}' metadata: {e}") from e
     shapes = {UNET_PREFIX + k: v.shape for k, v in unet.state_dict().items()}
@@ -307,18 +307,19 @@ def _clip_target(config: dict[str, Any]):
     return target
 
 
-def _clip_encoder(clip: Any) -> Any:
+def clip_text_model(clip: Any) -> Any:
+    """The SD1 text model (comfy.sd1_clip.SDClipModel) inside a comfy.sd.CLIP."""
     return clip.cond_stage_model.clip_l
 
 
-def _build_clip(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None) -> Any:
+def build_clip(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None) -> Any:
     """comfy.sd.CLIP for `config`; `state_dict` keys as under `cond_stage_model.` (already validated)."""
     import comfy.sd
     import comfy.utils
 
     parameters = comfy.utils.calculate_parameters(state_dict) if state_dict else 0
     clip = comfy.sd.CLIP(_clip_target(config), parameters=parameters)
-    projection = _clip_encoder(clip).transformer.text_projection.weight
+    projection = clip_text_model(clip).transformer.text_projection.weight
     with torch.no_grad():
         # Not stored in SD1 checkpoints and unused; identity instead of uninitialised memory.
         projection.copy_(torch.eye(projection.shape[0], dtype=projection.dtype))
@@ -327,7 +328,8 @@ def _build_clip(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | No
     return clip
 
 
-def _vae_module(config: dict[str, Any]) -> torch.nn.Module:
+def build_vae(config: dict[str, Any]) -> torch.nn.Module:
+    """ComfyUI's AutoencoderKL for an architecture's `vae` config (random weights)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     return AutoencoderKL(**copy.deepcopy(config))

@@ -88,6 +88,8 @@ class MotionRecipe:
     ema: float
     high_t: bool  # 3 in 4 timesteps from t >= 400 (else uniform)
     max_weight: float | None  # eps-MSE weighted by 1/SNR clamped to [1, max_weight] (None: plain eps-MSE)
+    init_from: str | None = None  # continue from that recipe's finished motion stage
+    attn_weight: float = 0.0  # weight of the attention-correspondence loss (see correspondence_loss)
 
 
 MOTION_RECIPES: dict[str, MotionRecipe] = {
@@ -101,7 +103,14 @@ MOTION_RECIPES: dict[str, MotionRecipe] = {
     # UNet fine-tuned along, noisy timesteps and x0-like weighting emphasised.
     "joint": MotionRecipe(steps=1500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
     "joint_x0": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=100.0),
+    # joint3k continued for 1000 steps with the attention-correspondence loss on the guided layers
+    # (correspondence_loss): tried to make temporal attention carry the motion; it did not (model card).
+    "corr": MotionRecipe(steps=1000, mm_lr=1e-3, unet_lr=2.5e-4, ema=0.995, high_t=True, max_weight=None,
+                         init_from="joint3k", attn_weight=0.3),
 }
+CORRESPONDENCE_LAYERS = "up_blocks.1"  # the layers MotionClone guides by default
+CORRESPONDENCE_TAU = 0.1  # squared latent distance scale; object vs background is ~0.5-3, static ~0.002
+CORRESPONDENCE_MOVING = 0.05  # a token moves if two of its frames differ by more (about 30 % of tokens do)
 DEFAULT_RECIPE, DEFAULT_PREDICTION = "joint3k", "v"
 
 
@@ -297,7 +306,7 @@ def train_vae(args, ck: Checkpoints) -> dict[str, torch.Tensor]:
         log("vae: loaded finished stage")
         return done["vae"]
     torch.manual_seed(args.seed)
-    vae = cc._vae_module(architecture()["vae"])
+    vae = cc.build_vae(architecture()["vae"])
     standard_init_(vae)
     colour_path_init_(vae)
     vae.train()
@@ -465,7 +474,7 @@ def encode_dataset(args, ck: Checkpoints, vae_sd: dict[str, torch.Tensor]) -> tu
     if done is not None and done["latents"].shape[0] == args.clips:
         log("encode: loaded finished stage")
         return done["latents"], json.loads(done["labels"])
-    vae = cc._vae_module(architecture()["vae"])
+    vae = cc.build_vae(architecture()["vae"])
     vae.load_state_dict(vae_sd)
     vae.eval()
     lat, labels = [], []
@@ -493,8 +502,8 @@ class TextEncoder:
     def __init__(self, clip_sd: dict[str, torch.Tensor] | None, seed: int, *, trainable: bool = False) -> None:
         from motionclone.motion_core import compact_checkpoint as cc
 
-        self.clip = cc._build_clip(architecture()["clip"], None)
-        self.encoder = cc._clip_encoder(self.clip)  # comfy.sd1_clip.SDClipModel
+        self.clip = cc.build_clip(architecture()["clip"], None)
+        self.encoder = cc.clip_text_model(self.clip)  # comfy.sd1_clip.SDClipModel
         self.text_model = self.encoder.transformer.text_model
         if trainable:
             # ComfyUI keeps text-encoder weights in fp16 on the CPU too (computing in fp32);
@@ -652,7 +661,41 @@ def motion_model(unet_sd: dict[str, torch.Tensor], adapter):
     return patched
 
 
+def correspondence_targets(x0: torch.Tensor, side: int,
+                           tau: float = CORRESPONDENCE_TAU) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which frames show the same thing at each token, where the token's content changes.
+
+    `x0`: clean latents [videos, F, C, H, W], average-pooled to the layer's side x side token grid.
+    Returns (targets [videos x side x side, F, F] whose row (p, i) is softmax_j(-|x_i(p) - x_j(p)|^2 / tau),
+    moving [videos x side x side] bool): where an object passes, its frames attend to each other and
+    the background frames to the background. Tokens whose content never changes are left out: every
+    frame matches there, and a uniform target would flatten the attention everywhere.
+    """
+    n, f = x0.shape[:2]
+    pooled = F.adaptive_avg_pool2d(x0.flatten(0, 1), side).view(n, f, -1, side, side)
+    tokens = pooled.permute(0, 3, 4, 1, 2).reshape(n * side * side, f, -1)
+    dist = torch.cdist(tokens, tokens).square()
+    return (-dist / tau).softmax(dim=-1), dist.amax(dim=(1, 2)) > CORRESPONDENCE_MOVING
+
+
+def correspondence_loss(probs: dict[str, torch.Tensor], x0: torch.Tensor) -> torch.Tensor:
+    """KL divergence of each captured temporal attention [positions, heads, F, F] (positions =
+    videos x H x W) from correspondence_targets on the moving tokens, averaged over layers, heads and rows."""
+    losses = []
+    for p in probs.values():
+        side = math.isqrt(p.shape[0] // x0.shape[0])
+        target, moving = correspondence_targets(x0, side)
+        if not moving.any():
+            continue
+        target, p = target[moving][:, None], p[moving].float()
+        losses.append((target * (target.clamp_min(1e-8).log() - p.clamp_min(1e-8).log())).sum(-1).mean())
+    return torch.stack(losses).mean() if losses else x0.new_zeros(())
+
+
 def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str], unet_sd, clip_sd):
+    from motionclone.motion_core.attention_capture import CaptureState
+    from motionclone.motion_core.guided_sampling import attention_layers_of, select_layers
+    from motionclone.motion_core.injection import CAPTURE_KEY
     from motionclone.motion_core.schedule import sd15_alphas_cumprod
 
     recipe = MOTION_RECIPES[args.motion_recipe]
@@ -662,6 +705,13 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
         log("motion: loaded finished stage")
         return done["adapter"], done["unet"]
     adapter = new_adapter(args.seed)
+    if recipe.init_from is not None:  # a continuation: start from that recipe's finished stage
+        base = argparse.Namespace(**{**vars(args), "motion_recipe": recipe.init_from})
+        if not args.quick:
+            base.steps = {**args.steps, "motion": MOTION_RECIPES[recipe.init_from].steps}
+        base_adapter, unet_sd = train_motion(base, ck, latents, labels, unet_sd, clip_sd)
+        adapter.load_state_dict(base_adapter)
+        log(f"motion: continuing {stage_name(base, 'motion')} as {stage}")
     total, start = args.steps["motion"], 0
     partial = ck.load(f"{stage}_partial")
     patched = motion_model(unet_sd, adapter)
@@ -695,11 +745,13 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
     with torch.no_grad():
         cache = {t: text.encode([t])[0] for t in sorted(set(labels)) + [""]}  # frozen encoder: encode once
     options = patched.model_options["transformer_options"]
+    attn_layers = select_layers(attention_layers_of(patched), CORRESPONDENCE_LAYERS) if recipe.attn_weight else []
     abar = sd15_alphas_cumprod()
     n_clips = latents.shape[0]
     progress = Progress("motion", start, total)
+    stage_id = 4 if recipe.init_from is None else 5  # a continuation draws new batches
     for step in range(start, total):
-        rng, gen = step_rng(args.seed, 4, step), step_gen(args.seed, 4, step)
+        rng, gen = step_rng(args.seed, stage_id, step), step_gen(args.seed, stage_id, step)
         # Alternate one 16-frame clip and two 8-frame clips (every other frame, or a contiguous half):
         # 16 latent frames per step either way, both clip lengths and two speeds seen.
         if step % 2 == 0:
@@ -725,9 +777,14 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, g["base_lr"])
         # cond_or_uncond has one entry per video: the motion layers split the batch into videos by it.
-        pred = unet(xt, tt, context, transformer_options={**options, "cond_or_uncond": [0] * n_vid})
+        step_options = {**options, "cond_or_uncond": [0] * n_vid}
+        if attn_layers:
+            step_options[CAPTURE_KEY] = capture = CaptureState(attn_layers)
+        pred = unet(xt, tt, context, transformer_options=step_options)
         target = diffusion_target(x0, noise, t, abar, args.prediction).flatten(0, 1)
-        if recipe.max_weight is None:
+        if attn_layers:
+            loss = F.mse_loss(pred, target) + recipe.attn_weight * correspondence_loss(capture.probs, x0)
+        elif recipe.max_weight is None:
             loss = F.mse_loss(pred, target)
         else:
             # eps-MSE weighted towards x0-MSE (1/SNR, clamped): at high noise a small eps error is a
@@ -781,8 +838,8 @@ def export(args, ck: Checkpoints, vae_sd, unet_sd, clip_sd, adapter_sd, t_start:
     out.mkdir(parents=True, exist_ok=True)
     arch = architecture(args.prediction)
     model = build_tiny_sd15_model(unet_config=arch["unet"], state_dict=unet_sd, prediction=args.prediction)
-    clip = cc._build_clip(arch["clip"], None)
-    cc._clip_encoder(clip).transformer.text_model.load_state_dict(clip_sd)
+    clip = cc.build_clip(arch["clip"], None)
+    cc.clip_text_model(clip).transformer.text_model.load_state_dict(clip_sd)
     vae = comfy.sd.VAE(sd=vae_sd, config={"params": copy.deepcopy(arch["vae"])})
     ckpt_path = out / args.ckpt_name
     cc.save_compact_checkpoint(ckpt_path, model, clip, vae, arch, dtype=torch.float16)
