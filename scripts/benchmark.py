@@ -5,11 +5,13 @@
 
 `fidelity`: on the embedded demo model, LK-track motion fidelity of guided vs unguided
 samples over synthetic reference clips and the shared real clips, several seeds, with
-extraction time, sampling times, memory and MOTION size.
+extraction time, sampling times, memory and MOTION size (`--scheduler uneven` for the
+reference's uneven step spacing).
 
 `attention`: on the embedded demo model, whether its temporal attention carries motion: per
 guided layer, the entropy of the attention rows and how often the top-1 frame (what MOTION
-stores) is the same for a moving reference and for a still copy of its first frame.
+stores) is the same for a moving reference and for a still copy of its first frame, over all
+tokens and over the tokens the reference's subject passes through.
 
 `guidance`: on the tiny SD1.5-architecture model with a tiny motion module, the time of a
 guided sampling step over a plain CFG step (KSampler), the peak memory of both (peak RSS of
