@@ -126,15 +126,21 @@ def bench_guidance(args: argparse.Namespace) -> None:
           f"vs dense fp32 maps {ratio / 2:.4f} = {ratio * f / 2:.2f}/F")
 
 
-def bench_fidelity(args: argparse.Namespace) -> None:
-    """Motion fidelity guided vs unguided on the demo model, plus timings, memory and MOTION size."""
+def _fidelity_eval(threads: int):
+    """scripts/fidelity_eval.py, with ComfyUI and the pack importable and `threads` torch threads."""
     _bootstrap()
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     sys.path.insert(0, str(ROOT / "scripts"))
-    import fidelity_eval as fe
+    import fidelity_eval
 
+    return fidelity_eval
+
+
+def bench_fidelity(args: argparse.Namespace) -> None:
+    """Motion fidelity guided vs unguided on the demo model, plus timings, memory and MOTION size."""
+    fe = _fidelity_eval(args.threads)
     settings = fe.DemoSettings(steps=args.steps, guided_steps=args.guided_steps, weight=args.weight,
                                scheduler=args.scheduler, noisy_fraction=args.noisy_fraction)
     model, clip, vae = fe.load_demo_model()
@@ -175,13 +181,7 @@ def bench_fidelity(args: argparse.Namespace) -> None:
 
 def bench_attention(args: argparse.Namespace) -> None:
     """Temporal-attention diagnostics of the demo model (see fidelity_eval.temporal_attention_stats)."""
-    _bootstrap()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import fidelity_eval as fe
-
+    fe = _fidelity_eval(args.threads)
     model, clip, vae = fe.load_demo_model()
     print(f"demo model, 8 frames at 128x128, layers {args.layers}, timestep {args.timestep}; uniform rows have "
           f"entropy ln 8 = {np.log(8):.2f} nats; agreement = top-1 frame equal for the moving clip and a still copy "
