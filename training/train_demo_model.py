@@ -90,6 +90,7 @@ class MotionRecipe:
     max_weight: float | None  # eps-MSE weighted by 1/SNR clamped to [1, max_weight] (None: plain eps-MSE)
     init_from: str | None = None  # continue from that recipe's finished motion stage
     attn_weight: float = 0.0  # weight of the attention-correspondence loss (see correspondence_loss)
+    attn_max_t: int = 1000  # that loss only on videos noised to a timestep below this
 
 
 MOTION_RECIPES: dict[str, MotionRecipe] = {
@@ -103,10 +104,13 @@ MOTION_RECIPES: dict[str, MotionRecipe] = {
     # UNet fine-tuned along, noisy timesteps and x0-like weighting emphasised.
     "joint": MotionRecipe(steps=1500, mm_lr=2e-3, unet_lr=2e-4, ema=0.995, high_t=True, max_weight=20.0),
     "joint_x0": MotionRecipe(steps=3500, mm_lr=2e-3, unet_lr=5e-4, ema=0.995, high_t=True, max_weight=100.0),
-    # joint3k continued for 1000 steps with the attention-correspondence loss on the guided layers
-    # (correspondence_loss): tried to make temporal attention carry the motion; it did not (model card).
+    # joint3k continued with the attention-correspondence loss on the guided layers (correspondence_loss),
+    # on all noise levels or only below t = 500: tried to make temporal attention carry the motion so
+    # that MotionClone guidance clones it; it did not (model card).
     "corr": MotionRecipe(steps=1000, mm_lr=1e-3, unet_lr=2.5e-4, ema=0.995, high_t=True, max_weight=None,
                          init_from="joint3k", attn_weight=0.3),
+    "corr_lowt": MotionRecipe(steps=2000, mm_lr=1e-3, unet_lr=2.5e-4, ema=0.995, high_t=False, max_weight=None,
+                              init_from="joint3k", attn_weight=0.3, attn_max_t=500),
 }
 CORRESPONDENCE_LAYERS = "up_blocks.1"  # the layers MotionClone guides by default
 CORRESPONDENCE_TAU = 0.1  # squared latent distance scale; object vs background is ~0.5-3, static ~0.002
@@ -678,13 +682,17 @@ def correspondence_targets(x0: torch.Tensor, side: int,
     return (-dist / tau).softmax(dim=-1), dist.amax(dim=(1, 2)) > CORRESPONDENCE_MOVING
 
 
-def correspondence_loss(probs: dict[str, torch.Tensor], x0: torch.Tensor) -> torch.Tensor:
+def correspondence_loss(probs: dict[str, torch.Tensor], x0: torch.Tensor,
+                        videos: torch.Tensor | None = None) -> torch.Tensor:
     """KL divergence of each captured temporal attention [positions, heads, F, F] (positions =
-    videos x H x W) from correspondence_targets on the moving tokens, averaged over layers, heads and rows."""
+    videos x H x W) from correspondence_targets on the moving tokens (of the `videos` marked True),
+    averaged over layers, heads and rows."""
     losses = []
     for p in probs.values():
         side = math.isqrt(p.shape[0] // x0.shape[0])
         target, moving = correspondence_targets(x0, side)
+        if videos is not None:
+            moving = moving & videos.repeat_interleave(side * side)
         if not moving.any():
             continue
         target, p = target[moving][:, None], p[moving].float()
@@ -783,7 +791,8 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
         pred = unet(xt, tt, context, transformer_options=step_options)
         target = diffusion_target(x0, noise, t, abar, args.prediction).flatten(0, 1)
         if attn_layers:
-            loss = F.mse_loss(pred, target) + recipe.attn_weight * correspondence_loss(capture.probs, x0)
+            attn_loss = correspondence_loss(capture.probs, x0, t < recipe.attn_max_t)
+            loss = F.mse_loss(pred, target) + recipe.attn_weight * attn_loss
         elif recipe.max_weight is None:
             loss = F.mse_loss(pred, target)
         else:
