@@ -91,8 +91,11 @@ class MotionRecipe:
     init_from: str | None = None  # continue from that recipe's finished motion stage
     attn_weight: float = 0.0  # weight of the attention-correspondence loss (see correspondence_loss)
     attn_max_t: int = 1000  # that loss only on videos noised to a timestep below this
+    diff_weight: float = 0.0  # weight of the frame-difference loss (see frame_difference_loss)
+    position_free: str | None = None  # motion modules under this prefix get a zero position encoding
 
 
+CORRESPONDENCE_LAYERS = "up_blocks.1"  # the layers MotionClone guides by default
 MOTION_RECIPES: dict[str, MotionRecipe] = {
     # The shipped motion module (with --prediction v, the default): image UNet fine-tuned along,
     # 3 in 4 timesteps from t >= 400, plain MSE on the UNet's target.
@@ -111,8 +114,16 @@ MOTION_RECIPES: dict[str, MotionRecipe] = {
                          init_from="joint3k", attn_weight=0.3),
     "corr_lowt": MotionRecipe(steps=2000, mm_lr=1e-3, unet_lr=2.5e-4, ema=0.995, high_t=False, max_weight=None,
                               init_from="joint3k", attn_weight=0.3, attn_max_t=500),
+    # joint3k trained on (its loss was still falling at 3000 steps and its samples move less than the data)
+    # with the frame-difference loss that weights the motion part of the target; negative (model card).
+    "tdiff": MotionRecipe(steps=3000, mm_lr=1e-3, unet_lr=2.5e-4, ema=0.995, high_t=True, max_weight=None,
+                          init_from="joint3k", diff_weight=4.0),
+    # ... and with no position encoding in the guided level's motion modules: their temporal attention
+    # can then only say which frames look alike at a token (the occupancy pattern MotionClone transfers),
+    # not learn a pattern over frame positions that ignores content (what "corr" ended with).
+    "tdiff_nopos": MotionRecipe(steps=3000, mm_lr=1e-3, unet_lr=2.5e-4, ema=0.995, high_t=True, max_weight=None,
+                                init_from="joint3k", diff_weight=4.0, position_free=CORRESPONDENCE_LAYERS),
 }
-CORRESPONDENCE_LAYERS = "up_blocks.1"  # the layers MotionClone guides by default
 CORRESPONDENCE_TAU = 0.1  # squared latent distance scale; object vs background is ~0.5-3, static ~0.002
 CORRESPONDENCE_MOVING = 0.05  # a token moves if two of its frames differ by more (about 30 % of tokens do)
 DEFAULT_RECIPE, DEFAULT_PREDICTION = "joint3k", "v"
@@ -700,6 +711,16 @@ def correspondence_loss(probs: dict[str, torch.Tensor], x0: torch.Tensor,
     return torch.stack(losses).mean() if losses else x0.new_zeros(())
 
 
+def frame_difference_loss(pred: torch.Tensor, target: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """MSE of consecutive-frame differences of prediction and target ([videos x F, C, H, W]).
+
+    Motion is the part of a clip that differs between frames, a small share of the per-frame target, so
+    plain MSE barely rewards getting it right; this term weights it on its own.
+    """
+    p, t = pred.unflatten(0, (-1, n_frames)), target.unflatten(0, (-1, n_frames))
+    return F.mse_loss(p.diff(dim=1), t.diff(dim=1))
+
+
 def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str], unet_sd, clip_sd):
     from motionclone.motion_core.attention_capture import CaptureState
     from motionclone.motion_core.guided_sampling import attention_layers_of, select_layers
@@ -720,6 +741,12 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
         base_adapter, unet_sd = train_motion(base, ck, latents, labels, unet_sd, clip_sd)
         adapter.load_state_dict(base_adapter)
         log(f"motion: continuing {stage_name(base, 'motion')} as {stage}")
+    if recipe.position_free:
+        zeroed = [n for n, b in adapter.named_buffers() if n.startswith(recipe.position_free + ".") and
+                  n.endswith("pos_embed.pe")]
+        for name in zeroed:
+            adapter.get_buffer(name).zero_()
+        log(f"motion: zero position encoding in {len(zeroed)} motion modules under {recipe.position_free}")
     total, start = args.steps["motion"], 0
     partial = ck.load(f"{stage}_partial")
     patched = motion_model(unet_sd, adapter)
@@ -793,6 +820,8 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
         if attn_layers:
             attn_loss = correspondence_loss(capture.probs, x0, t < recipe.attn_max_t)
             loss = F.mse_loss(pred, target) + recipe.attn_weight * attn_loss
+        elif recipe.diff_weight:
+            loss = F.mse_loss(pred, target) + recipe.diff_weight * frame_difference_loss(pred, target, n_frames)
         elif recipe.max_weight is None:
             loss = F.mse_loss(pred, target)
         else:
