@@ -13,6 +13,11 @@ guided layer, the entropy of the attention rows and how often the top-1 frame (w
 stores) is the same for a moving reference and for a still copy of its first frame, over all
 tokens and over the tokens the reference's subject passes through.
 
+`ceiling`: on the embedded demo model, a diagnostic upper bound: samples whose latent is driven,
+by many gradient iterations per early step, until their `up_blocks.1` attention matches the MOTION
+almost exactly, scored like `fidelity`. No margin here means no guidance setting can clone motion
+on this model (its temporal attention does not decide its motion).
+
 `guidance`: on the tiny SD1.5-architecture model with a tiny motion module, the time of a
 guided sampling step over a plain CFG step (KSampler), the peak memory of both (peak RSS of
 a fresh process per mode, above its RSS after loading), and the MOTION's stored size over
@@ -126,21 +131,29 @@ def bench_guidance(args: argparse.Namespace) -> None:
           f"vs dense fp32 maps {ratio / 2:.4f} = {ratio * f / 2:.2f}/F")
 
 
-def _fidelity_eval(threads: int):
-    """scripts/fidelity_eval.py, with ComfyUI and the pack importable and `threads` torch threads."""
+def _fidelity_eval(args: argparse.Namespace):
+    """scripts/fidelity_eval.py, with ComfyUI and the pack importable, `args.threads` torch threads and the
+    demo model files of `args.model_dir` (e.g. a training run's output folder) if given."""
     _bootstrap()
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "scripts"))
     import fidelity_eval
 
+    if args.model_dir is not None:
+        folder = Path(args.model_dir)
+        fidelity_eval.DEMO_CHECKPOINT = folder / fidelity_eval.DEMO_CHECKPOINT.name
+        fidelity_eval.DEMO_MOTION_MODULE = folder / fidelity_eval.DEMO_MOTION_MODULE.name
+        for path in (fidelity_eval.DEMO_CHECKPOINT, fidelity_eval.DEMO_MOTION_MODULE):
+            if not path.is_file():
+                raise SystemExit(f"--model-dir: {path} not found")
     return fidelity_eval
 
 
 def bench_fidelity(args: argparse.Namespace) -> None:
     """Motion fidelity guided vs unguided on the demo model, plus timings, memory and MOTION size."""
-    fe = _fidelity_eval(args.threads)
+    fe = _fidelity_eval(args)
     settings = fe.DemoSettings(steps=args.steps, guided_steps=args.guided_steps, weight=args.weight,
                                scheduler=args.scheduler, noisy_fraction=args.noisy_fraction)
     model, clip, vae = fe.load_demo_model()
@@ -181,7 +194,7 @@ def bench_fidelity(args: argparse.Namespace) -> None:
 
 def bench_attention(args: argparse.Namespace) -> None:
     """Temporal-attention diagnostics of the demo model (see fidelity_eval.temporal_attention_stats)."""
-    fe = _fidelity_eval(args.threads)
+    fe = _fidelity_eval(args)
     model, clip, vae = fe.load_demo_model()
     print(f"demo model, 8 frames at 128x128, layers {args.layers}, timestep {args.timestep}; uniform rows have "
           f"entropy ln 8 = {np.log(8):.2f} nats; agreement = top-1 frame equal for the moving clip and a still copy "
@@ -191,6 +204,30 @@ def bench_attention(args: argparse.Namespace) -> None:
         ent, agree, moving = (np.array([v[i] for v in stats.values()]) for i in range(3))
         print(f"{name:30} entropy {ent.min():.2f}..{ent.max():.2f}  agreement {agree.min():.2f}..{agree.max():.2f} / "
               f"moving {np.nanmin(moving):.2f}..{np.nanmax(moving):.2f}  ({len(stats)} layers)")
+
+
+def bench_ceiling(args: argparse.Namespace) -> None:
+    """Motion fidelity of attention matched (almost) exactly vs unguided (fidelity_eval.attention_match_ceiling)."""
+    fe = _fidelity_eval(args)
+    model, clip, vae = fe.load_demo_model()
+    print(f"demo model, 8 frames at 128x128, ddim_uniform 20 steps, cfg 7.5; the first {args.matched_steps} steps "
+          f"each take {args.iterations} normalised gradient steps of {args.step_size} sigma on the motion loss "
+          f"(up_blocks.1), seeds {args.seeds}")
+    rows = []
+    for name, frames, prompt in fe.synthetic_clips(args.clips, 128, 8):
+        for seed in args.seeds:
+            r = fe.attention_match_ceiling(model, clip, vae, name, frames, prompt, seed, iterations=args.iterations,
+                                           matched_steps=args.matched_steps, step_size=args.step_size)
+            rows.append(r)
+            print(f"{name[:40]:40} {seed:5d} | motion loss {r.loss_first:.4f} -> {r.loss_last:.4f} | fidelity "
+                  f"matched {r.matched:.3f} unguided {r.unguided:.3f} {r.matched - r.unguided:+.3f} | recall "
+                  f"{r.matched_recall:.3f} vs {r.unguided_recall:.3f}", flush=True)
+    m, u = np.mean([r.matched for r in rows]), np.mean([r.unguided for r in rows])
+    mr, ur = np.nanmean([r.matched_recall for r in rows]), np.nanmean([r.unguided_recall for r in rows])
+    first, last = np.mean([r.loss_first for r in rows]), np.mean([r.loss_last for r in rows])
+    wins = sum(r.matched > r.unguided for r in rows)
+    print(f"mean motion loss {first:.4f} -> {last:.4f} | fidelity matched {m:.3f} unguided {u:.3f} margin "
+          f"{m - u:+.3f} (higher in {wins}/{len(rows)}) | recall {mr:.3f} vs {ur:.3f} margin {mr - ur:+.3f}")
 
 
 def main(argv: list[str]) -> None:
@@ -224,8 +261,19 @@ def main(argv: list[str]) -> None:
     a.add_argument("--timestep", type=int, default=400)
     a.add_argument("--layers", default="up_blocks.1")
     a.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("ceiling", help="demo model: fidelity when its attention matches the MOTION almost exactly")
+    c.add_argument("--clips", type=int, default=5)
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    c.add_argument("--iterations", type=int, default=10, help="gradient iterations per matched step")
+    c.add_argument("--matched-steps", type=int, default=8, help="of 20")
+    c.add_argument("--step-size", type=float, default=0.02, help="RMS move per iteration, in units of sigma")
+    c.add_argument("--threads", type=int, default=1)
+    for demo in (f, a, c):
+        demo.add_argument("--model-dir", default=None,
+                          help="folder with the two demo model files (default: demo_model/), e.g. a training output")
     args = parser.parse_args(argv)
-    {"guidance": bench_guidance, "fidelity": bench_fidelity, "attention": bench_attention}[args.cmd](args)
+    {"guidance": bench_guidance, "fidelity": bench_fidelity, "attention": bench_attention,
+     "ceiling": bench_ceiling}[args.cmd](args)
 
 
 if __name__ == "__main__":

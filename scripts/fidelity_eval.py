@@ -1,6 +1,6 @@
 """Motion fidelity of MotionClone on the embedded demo model, guided vs unguided (in-process).
 
-Used by `scripts/benchmark.py fidelity` and `attention` (figures) and by
+Used by `scripts/benchmark.py fidelity`, `attention` and `ceiling` (figures) and by
 `tests/test_demo_fidelity.py` (its clips and demo settings). For each reference clip: VAE-encode
 it, extract its sparse motion with the empty prompt, then sample the clip's *other* subject
 prompt from the same seed twice, guided by the motion and unguided, decode, and score both
@@ -237,3 +237,95 @@ def temporal_attention_stats(model, clip, vae, frames: np.ndarray, timestep: int
         moving_agree = same[moves].mean().item() if moves.any() else float("nan")
         out[name] = (entropy, same.mean().item(), moving_agree)
     return out
+
+
+@dataclass
+class CeilingResult:
+    name: str
+    seed: int
+    matched: float  # motion fidelity of the sample whose attention was matched to the MOTION
+    unguided: float
+    matched_recall: float
+    unguided_recall: float
+    loss_first: float  # motion loss (unweighted) before the first iteration of the first step
+    loss_last: float  # ... after the iterations of the last matched step
+    frames: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+def attention_match_ceiling(model, clip, vae, name: str, frames: np.ndarray, prompt: str, seed: int, *,
+                            iterations: int = 10, matched_steps: int = 8, step_size: float = 0.02,
+                            steps: int = 20, cfg: float = 7.5, timestep: int = 400) -> CeilingResult:
+    """How much motion fidelity would perfectly matched sparse attention buy on this model?
+
+    A diagnostic, not MotionClone: a plain DDIM loop (ddim_uniform sigmas) that, at each of its first
+    `matched_steps` steps, takes `iterations` normalised gradient steps on the latent (each moves it by
+    step_size * sigma in RMS) to drive the motion loss of the `up_blocks.1` layers down, far further
+    than one guidance step does. If the loss falls to a few per cent and the motion still does not
+    follow the reference, the model's temporal attention does not decide its motion and no guidance
+    weight or schedule will clone it.
+    """
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+
+    from motionclone.motion_core.attention_capture import CaptureState, StopForward
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guidance import motion_loss
+    from motionclone.motion_core.guided_sampling import attention_layers_of, select_layers
+    from motionclone.motion_core.injection import CAPTURE_KEY
+    from motionclone.motion_core.motion_fidelity import motion_scores
+
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(frames).float() / 255.0)
+    empty, positive = _encode(clip, "")[0][0], _encode(clip, prompt)[0][0]
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    motion = extract_sparse_motion(model, latents, empty, layers, timestep=timestep, seed=seed)
+    comfy.model_management.load_models_gpu([model])
+    base, n = model.model, latents.shape[0]
+    sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "ddim_uniform", steps)
+
+    def forward(x, sigma, context, capture=None):
+        options = {**model.model_options["transformer_options"], "cond_or_uncond": [0]}
+        if capture is not None:
+            options[CAPTURE_KEY] = capture
+        return base.apply_model(x, sigma.expand(n), c_crossattn=context.expand(n, -1, -1),
+                                transformer_options=options)
+
+    def loss_at(x, sigma):
+        capture = CaptureState(layers, stop_after_last=True)
+        try:
+            forward(x, sigma, positive, capture)
+        except StopForward:
+            pass
+        return motion_loss(capture.probs, motion)
+
+    def sample(match: bool):
+        # As ComfyUI's KSampler starts a full denoise (max_denoise), so the unmatched run is its ddim sample.
+        noise = comfy.sample.prepare_noise(latents, seed)
+        x = base.model_sampling.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
+        losses = []
+        for i in range(steps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            if match and i < matched_steps:
+                for _ in range(iterations):
+                    with torch.inference_mode(False), torch.enable_grad():
+                        leaf = x.detach().clone().requires_grad_(True)
+                        loss = loss_at(leaf, sigma)
+                        (grad,) = torch.autograd.grad(loss, leaf)
+                    losses.append(float(loss.detach()))
+                    x = x - step_size * sigma * grad / grad.square().mean().sqrt().clamp_min(1e-12)
+                if i == matched_steps - 1:
+                    with torch.no_grad():
+                        losses.append(float(loss_at(x, sigma)))
+            with torch.no_grad():
+                cond, uncond = forward(x, sigma, positive), forward(x, sigma, empty)
+                denoised = uncond + cfg * (cond - uncond)
+                x = denoised + (x - denoised) * (sigma_next / sigma) if sigma_next > 0 else denoised
+        with torch.no_grad():
+            return _to_uint8(vae.decode(base.process_latent_out(x))), losses
+
+    matched, losses = sample(True)
+    unguided, _ = sample(False)
+    a, b = motion_scores(frames, matched), motion_scores(frames, unguided)
+    return CeilingResult(name, seed, a.fidelity, b.fidelity, a.recall, b.recall, losses[0], losses[-1],
+                         {"reference": frames, "matched": matched, "unguided": unguided})
