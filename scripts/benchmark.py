@@ -151,6 +151,17 @@ def _fidelity_eval(args: argparse.Namespace):
     return fidelity_eval
 
 
+def _margins(mode: str, rows: list[tuple[float, float, float, float]]) -> str:
+    """Mean fidelity and recall of `mode` vs unguided over rows of (fidelity, unguided fidelity, recall,
+    unguided recall), with the margins and how many runs `mode` won."""
+    cols = list(zip(*rows))
+    f, fu = np.mean(cols[0]), np.mean(cols[1])
+    r, ru = np.nanmean(cols[2]), np.nanmean(cols[3])  # recall is NaN where the reference has no moving track
+    wins = sum(row[0] > row[1] for row in rows)
+    return (f"fidelity {mode} {f:.3f} unguided {fu:.3f} margin {f - fu:+.3f} ({mode} higher in {wins}/{len(rows)}) "
+            f"| recall {mode} {r:.3f} unguided {ru:.3f} margin {r - ru:+.3f}")
+
+
 def bench_fidelity(args: argparse.Namespace) -> None:
     """Motion fidelity guided vs unguided on the demo model, plus timings, memory and MOTION size."""
     fe = _fidelity_eval(args)
@@ -180,11 +191,8 @@ def bench_fidelity(args: argparse.Namespace) -> None:
     groups = (("synthetic", [r for r in rows if ":" in r.name]), ("real", [r for r in rows if ":" not in r.name]))
     for group, sel in groups:
         if sel:
-            g, u = np.mean([r.guided for r in sel]), np.mean([r.unguided for r in sel])
-            gr, ur = np.nanmean([r.guided_recall for r in sel]), np.nanmean([r.unguided_recall for r in sel])
-            wins = sum(r.guided > r.unguided for r in sel)
-            print(f"mean {group:10} fidelity guided {g:.3f} unguided {u:.3f} margin {g - u:+.3f} (guided higher in "
-                  f"{wins}/{len(sel)}) | recall guided {gr:.3f} unguided {ur:.3f} margin {gr - ur:+.3f}")
+            print(f"mean {group:10} " + _margins("guided", [(r.guided, r.unguided, r.guided_recall,
+                                                             r.unguided_recall) for r in sel]))
     r0 = rows[0]
     print(f"extraction {np.mean([r.extract_s for r in rows]):.2f} s; sampling guided "
           f"{np.mean([r.guided_s for r in rows]):.2f} s vs plain {np.mean([r.unguided_s for r in rows]):.2f} s "
@@ -222,12 +230,9 @@ def bench_ceiling(args: argparse.Namespace) -> None:
             print(f"{name[:40]:40} {seed:5d} | motion loss {r.loss_first:.4f} -> {r.loss_last:.4f} | fidelity "
                   f"matched {r.matched:.3f} unguided {r.unguided:.3f} {r.matched - r.unguided:+.3f} | recall "
                   f"{r.matched_recall:.3f} vs {r.unguided_recall:.3f}", flush=True)
-    m, u = np.mean([r.matched for r in rows]), np.mean([r.unguided for r in rows])
-    mr, ur = np.nanmean([r.matched_recall for r in rows]), np.nanmean([r.unguided_recall for r in rows])
     first, last = np.mean([r.loss_first for r in rows]), np.mean([r.loss_last for r in rows])
-    wins = sum(r.matched > r.unguided for r in rows)
-    print(f"mean motion loss {first:.4f} -> {last:.4f} | fidelity matched {m:.3f} unguided {u:.3f} margin "
-          f"{m - u:+.3f} (higher in {wins}/{len(rows)}) | recall {mr:.3f} vs {ur:.3f} margin {mr - ur:+.3f}")
+    print(f"mean motion loss {first:.4f} -> {last:.4f} | " + _margins("matched", [
+        (r.matched, r.unguided, r.matched_recall, r.unguided_recall) for r in rows]))
 
 
 def main(argv: list[str]) -> None:

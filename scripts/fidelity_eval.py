@@ -84,29 +84,41 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.detach().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
+@dataclass
+class ReferenceMotion:
+    latents: torch.Tensor  # the reference's VAE latents [F, 4, h, w]
+    empty: list  # CONDITIONING of the empty prompt (extraction, negative)
+    positive: list  # CONDITIONING of the new subject's prompt
+    motion: object  # SparseMotion of the up_blocks.1 layers
+    extract_s: float
+
+
+def reference_motion(model, clip, vae, frames: np.ndarray, prompt: str, seed: int, timestep: int) -> ReferenceMotion:
+    """VAE-encode the reference `frames` [F, H, W, 3] uint8 and extract its sparse motion (empty prompt,
+    `up_blocks.1`, the seed's noise), with both prompts' conditioning."""
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guided_sampling import attention_layers_of, select_layers
+
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(frames).float() / 255.0)
+    empty, positive = _encode(clip, ""), _encode(clip, prompt)
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    t0 = time.perf_counter()
+    motion = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=timestep, seed=seed)
+    return ReferenceMotion(latents, empty, positive, motion, time.perf_counter() - t0)
+
+
 def evaluate_clip(model, clip, vae, name: str, frames: np.ndarray, prompt: str, seed: int,
                   settings: DemoSettings) -> ClipResult:
     """`frames`: reference [F, H, W, 3] uint8 at the model's size; `prompt`: the new subject."""
     import comfy.sample
 
-    from motionclone.motion_core.extraction import extract_sparse_motion
-    from motionclone.motion_core.guided_sampling import (
-        GuidanceSettings,
-        MotionGuidance,
-        attention_layers_of,
-        select_layers,
-    )
+    from motionclone.motion_core.guided_sampling import GuidanceSettings, MotionGuidance
     from motionclone.motion_core.motion_fidelity import motion_scores
 
-    reference = torch.from_numpy(frames).float() / 255.0
-    with torch.no_grad():
-        latents = vae.encode(reference)
-    empty, positive = _encode(clip, ""), _encode(clip, prompt)
-    layers = select_layers(attention_layers_of(model), "up_blocks.1")
-    t0 = time.perf_counter()
-    motion = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=settings.timestep, seed=seed)
-    extract_s = time.perf_counter() - t0
-    latent = torch.zeros_like(latents)
+    ref = reference_motion(model, clip, vae, frames, prompt, seed, settings.timestep)
+    motion, empty, positive = ref.motion, ref.empty, ref.positive
+    latent = torch.zeros_like(ref.latents)
     scores, times, out_frames = {}, {}, {"reference": frames}
     for mode in ("guided", "unguided"):
         sampling_model = model
@@ -125,7 +137,7 @@ def evaluate_clip(model, clip, vae, name: str, frames: np.ndarray, prompt: str, 
             out_frames[mode] = _to_uint8(vae.decode(samples))
         scores[mode] = motion_scores(frames, out_frames[mode])
     return ClipResult(name, seed, scores["guided"].fidelity, scores["unguided"].fidelity, scores["guided"].recall,
-                      scores["unguided"].recall, extract_s, times["guided"], times["unguided"], motion.nbytes(),
+                      scores["unguided"].recall, ref.extract_s, times["guided"], times["unguided"], motion.nbytes(),
                       motion.dense_nbytes(), out_frames)
 
 
@@ -269,17 +281,13 @@ def attention_match_ceiling(model, clip, vae, name: str, frames: np.ndarray, pro
     import comfy.samplers
 
     from motionclone.motion_core.attention_capture import CaptureState, StopForward
-    from motionclone.motion_core.extraction import extract_sparse_motion
     from motionclone.motion_core.guidance import motion_loss
-    from motionclone.motion_core.guided_sampling import attention_layers_of, select_layers
     from motionclone.motion_core.injection import CAPTURE_KEY
     from motionclone.motion_core.motion_fidelity import motion_scores
 
-    with torch.no_grad():
-        latents = vae.encode(torch.from_numpy(frames).float() / 255.0)
-    empty, positive = _encode(clip, "")[0][0], _encode(clip, prompt)[0][0]
-    layers = select_layers(attention_layers_of(model), "up_blocks.1")
-    motion = extract_sparse_motion(model, latents, empty, layers, timestep=timestep, seed=seed)
+    ref = reference_motion(model, clip, vae, frames, prompt, seed, timestep)
+    latents, motion, layers = ref.latents, ref.motion, ref.motion.layers
+    empty, positive = ref.empty[0][0], ref.positive[0][0]
     comfy.model_management.load_models_gpu([model])
     base, n = model.model, latents.shape[0]
     sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "ddim_uniform", steps)

@@ -742,7 +742,7 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
         adapter.load_state_dict(base_adapter)
         log(f"motion: continuing {stage_name(base, 'motion')} as {stage}")
     if recipe.position_free:
-        zeroed = [n for n, b in adapter.named_buffers() if n.startswith(recipe.position_free + ".") and
+        zeroed = [n for n, _ in adapter.named_buffers() if n.startswith(recipe.position_free + ".") and
                   n.endswith("pos_embed.pe")]
         for name in zeroed:
             adapter.get_buffer(name).zero_()
@@ -817,12 +817,7 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
             step_options[CAPTURE_KEY] = capture = CaptureState(attn_layers)
         pred = unet(xt, tt, context, transformer_options=step_options)
         target = diffusion_target(x0, noise, t, abar, args.prediction).flatten(0, 1)
-        if attn_layers:
-            attn_loss = correspondence_loss(capture.probs, x0, t < recipe.attn_max_t)
-            loss = F.mse_loss(pred, target) + recipe.attn_weight * attn_loss
-        elif recipe.diff_weight:
-            loss = F.mse_loss(pred, target) + recipe.diff_weight * frame_difference_loss(pred, target, n_frames)
-        elif recipe.max_weight is None:
+        if recipe.max_weight is None:
             loss = F.mse_loss(pred, target)
         else:
             # eps-MSE weighted towards x0-MSE (1/SNR, clamped): at high noise a small eps error is a
@@ -831,6 +826,10 @@ def train_motion(args, ck: Checkpoints, latents: torch.Tensor, labels: list[str]
             weight = ((1 - a_t) / a_t).clamp(1.0, recipe.max_weight).repeat_interleave(n_frames)
             per_frame = (pred - target).square().mean(dim=(1, 2, 3))
             loss = (weight * per_frame).mean() / weight.mean()
+        if attn_layers:
+            loss = loss + recipe.attn_weight * correspondence_loss(capture.probs, x0, t < recipe.attn_max_t)
+        if recipe.diff_weight:
+            loss = loss + recipe.diff_weight * frame_difference_loss(pred, target, n_frames)
         optimiser_step(opt, loss, params)
         ema.update(step)
         if progress.update(step, loss.item()):
