@@ -156,17 +156,11 @@ def save_compact_checkpoint(
     file); None keeps each tensor's dtype. The tensors are checked against
     `architecture` before writing, so the file is guaranteed to load.
     """
-    import comfy.model_management
     import comfy.utils
 
     path = Path(path)
     _validate_architecture(architecture, path)
-    # Same order as comfy.sd.save_checkpoint: weights patched in before reading them.
-    clip_patcher = clip.load_model()
-    clip_sd = clip.get_sd()
-    vae_sd = vae.get_sd()
-    comfy.model_management.load_models_gpu([model, clip_patcher], force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip_sd, vae_sd)
+    sd = _state_dict_for_saving(model, clip, vae)
     for key, tensor in sd.items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
@@ -176,6 +170,26 @@ def save_compact_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     comfy.utils.save_torch_file(sd, str(path), metadata={ARCHITECTURE_METADATA_KEY: json.dumps(architecture)})
     return path
+
+
+def _state_dict_for_saving(model: Any, clip: Any, vae: Any) -> dict[str, torch.Tensor]:
+    """What comfy.sd.save_checkpoint writes for MODEL/CLIP/VAE, on the host's own API.
+
+    Newer ComfyUI (0.33 tested) builds it on the ModelPatcher, which computes patched weights per
+    layer (`ModelPatcher.state_dict_for_saving`; `BaseModel.state_dict_for_saving` then takes the UNet
+    state dict first). ComfyUI 0.3.x patches the weights in while loading and reads the BaseModel.
+    """
+    import comfy.model_management
+
+    clip_patcher = clip.load_model()
+    vae_sd = vae.get_sd()
+    if hasattr(model, "state_dict_for_saving"):
+        clip_sd = clip.state_dict_for_saving()
+        comfy.model_management.load_models_gpu([model, clip_patcher])
+        return model.state_dict_for_saving(clip_sd, vae_sd)
+    clip_sd = clip.get_sd()
+    comfy.model_management.load_models_gpu([model, clip_patcher], force_patch_weights=True)
+    return model.model.state_dict_for_saving(clip_sd, vae_sd)
 
 
 def write_tiny_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
