@@ -190,8 +190,14 @@ def resolve_video_path(name: str, allowed_dirs: list[str] | None = None) -> str:
         raise _err(f"'{raw}': '..' is not allowed in video paths; give a path inside the allowed folders")
     expanded = os.path.expanduser(raw)
     # Relative names (the combo, or "sub/clip.mp4") are under the input folder; "[output]"-style
-    # annotations are honoured and then subject to the same folder check.
-    candidate = expanded if os.path.isabs(expanded) else folder_paths.get_annotated_filepath(raw)
+    # annotations are honoured and then subject to the same folder check. Joined here rather than by
+    # folder_paths.get_annotated_filepath, which newer ComfyUI (0.33) makes refuse any link out of its
+    # folder with a bare "Invalid file path": our check says why and honours MOTIONCLONE_VIDEO_DIRS.
+    if os.path.isabs(expanded):
+        candidate = expanded
+    else:
+        rel, base = folder_paths.annotated_filepath(raw)
+        candidate = os.path.join(base or folder_paths.get_input_directory(), rel)
     real = os.path.realpath(candidate)
     dirs = allowed_dirs if allowed_dirs is not None else allowed_video_dirs()
     if not any(_inside(real, d) for d in dirs):
