@@ -5,6 +5,14 @@
 // spec = {id: "<uuid>", nodes: [{id, type, pos, size?, title?, widgets: {name: value}}],
 //         links: [[from_id, from_slot, to_id, to_input_name]], ds: {scale, offset}}
 async (spec) => {
+  // Frontend 1.49 names the control widget of an input whose control_after_generate default is
+  // a string ("fixed", as core's PrimitiveInt in ComfyUI 0.33) after that value, not after the option.
+  const findWidget = (node, name) => {
+    const widgets = node.widgets || [];
+    const named = widgets.find((w) => w.name === name);
+    if (named || name !== "control_after_generate") return named;
+    return widgets.find((w) => w.type === "combo" && (w.options?.values || []).includes("randomize"));
+  };
   const graph = app.graph;
   graph.clear();
   const byId = {};
@@ -16,7 +24,7 @@ async (spec) => {
     node.pos = [...s.pos];
     if (s.title) node.title = s.title;
     for (const [name, value] of Object.entries(s.widgets || {})) {
-      const widget = (node.widgets || []).find((w) => w.name === name);
+      const widget = findWidget(node, name);
       if (!widget) throw new Error(`${s.type} #${s.id} has no widget ${name}`);
       widget.value = value;
     }

@@ -1,12 +1,13 @@
 """Writes the shipped workflows, both formats, with the real ComfyUI frontend.
 
-    .dev/venv/bin/python tests/frontend/build_workflows.py            # all workflows
-    .dev/venv/bin/python tests/frontend/build_workflows.py motionclone_camera
+    python3 scripts/dev.py python tests/frontend/build_workflows.py            # all workflows
+    python3 scripts/dev.py python tests/frontend/build_workflows.py motionclone_camera
 
 Each workflow is described below (node types, positions, widget values by name, links by
 input name). A headless ComfyUI server with this pack is started and the frontend builds
 every graph itself (build_graph.js), so `workflows/<name>.json` is exactly what the
-frontend's "Save" writes and `workflows/<name>_api.json` exactly what it queues.
+frontend's "Save" writes and `workflows/<name>_api.json` exactly what it queues. Build them on
+the newest host (dev.py's default host), whose frontend is the one users have.
 tests/test_workflows.py and tests/test_frontend.py check that the two never drift apart.
 """
 
@@ -296,19 +297,25 @@ def build(names: list[str] | None = None) -> list[Path]:
     sys.path.insert(0, str(HERE))
     from comfy_browser import chromium_missing_reason, comfy_page, js_function, write_frontend_settings
     from comfy_server import ComfyServer
+    from workflow_files import place_workflow_files
 
     if reason := chromium_missing_reason():
         raise SystemExit(reason)
+    names = names or list(WORKFLOWS_BUILT)
     written = []
     server = ComfyServer()
     write_frontend_settings(server.base_dir)
+    # The files the workflows name, so the screenshots show the graphs as a user with the models sees them.
+    specs = [WORKFLOWS_BUILT[name]() for name in names]
+    place_workflow_files(server.base_dir, [{str(n["id"]): {"class_type": n["type"], "inputs": n["widgets"]}
+                                            for n in spec.nodes} for spec in specs])
     with server, comfy_page(server.url) as cp:
         builder = js_function("build_graph.js")
         start = cp.mark()  # the frontend's own start-up messages are not ours
         shots = ROOT / "test-artifacts" / "frontend"
         shots.mkdir(parents=True, exist_ok=True)
-        for name in names or list(WORKFLOWS_BUILT):
-            out = cp.page.evaluate(builder, WORKFLOWS_BUILT[name]().to_js())
+        for name, spec in zip(names, specs):
+            out = cp.page.evaluate(builder, spec.to_js())
             cp.page.evaluate("() => app.canvas.setDirty(true, true)")
             cp.page.wait_for_timeout(500)
             cp.page.screenshot(path=str(shots / f"build_{name}.png"))
