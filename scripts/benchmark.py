@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks (figures, not tests). Run with the dev venv, e.g.
 
-    .dev/venv/bin/python scripts/benchmark.py guidance [--frames 16 --size 32 --steps 8]
+    python3 scripts/dev.py python scripts/benchmark.py guidance [--frames 16 --size 32 --steps 8]
 
 `fidelity`: on the embedded demo model, LK-track motion fidelity of guided vs unguided
 samples over synthetic reference clips and the shared real clips, several seeds, with
@@ -42,10 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bootstrap() -> None:
-    """Import ComfyUI (COMFYUI_PATH or .dev/ComfyUI) and this pack as `motionclone`, CPU mode."""
+    """Import ComfyUI (COMFYUI_PATH, set by `dev.py python`) and this pack as `motionclone`, CPU mode."""
     import importlib.util
 
-    comfy_path = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".dev" / "ComfyUI")
+    if not os.environ.get("COMFYUI_PATH"):
+        raise SystemExit("COMFYUI_PATH is not set: run `python3 scripts/dev.py python scripts/benchmark.py ...`")
+    comfy_path = Path(os.environ["COMFYUI_PATH"])
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "scripts")]
     sys.path.append(str(comfy_path))
     import comfy.cli_args

@@ -69,7 +69,9 @@ TINY_MODEL_WRITERS: dict[str, tuple[str, str, str, str]] = {
 
 
 def comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH") or ROOT / ".dev" / "ComfyUI").resolve()
+    if not os.environ.get("COMFYUI_PATH"):
+        raise SystemExit("COMFYUI_PATH is not set: run the demo as `python3 scripts/dev.py demo`")
+    return Path(os.environ["COMFYUI_PATH"]).resolve()
 
 
 def ensure_pack_importable(comfyui: Path) -> str:

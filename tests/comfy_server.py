@@ -33,11 +33,13 @@ from comfy_client import (  # noqa: E402
     prepare_base_dir,
 )
 
-DEFAULT_COMFYUI_PATH = ROOT / ".dev" / "ComfyUI"
 
 
 def comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI_PATH).resolve()
+    """The host under test (COMFYUI_PATH, which scripts/dev.py sets)."""
+    if not os.environ.get("COMFYUI_PATH"):
+        raise RuntimeError("COMFYUI_PATH is not set: run through `python3 scripts/dev.py test` (or `dev.py python`)")
+    return Path(os.environ["COMFYUI_PATH"]).resolve()
 
 
 class ComfyServer:

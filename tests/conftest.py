@@ -1,6 +1,6 @@
 """Test bootstrap: a real ComfyUI host on the CPU and this pack imported as `motionclone`.
 
-The host is COMFYUI_PATH (scripts/dev.py sets it to .dev/ComfyUI by default). It is
+The host is COMFYUI_PATH (scripts/dev.py sets it to each host it tests). It is
 appended to sys.path, as ComfyUI has top-level `nodes`, `utils` and `server` modules; the
 repo root is kept off sys.path because our `nodes/` package would shadow ComfyUI's.
 """
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".dev" / "ComfyUI").resolve()
+COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or "/COMFYUI_PATH-not-set").resolve()
 if not (COMFYUI_PATH / "comfy").is_dir():
     raise RuntimeError(f"No ComfyUI at {COMFYUI_PATH}: run `python3 scripts/dev.py test` or set COMFYUI_PATH")
 

@@ -2,9 +2,9 @@
 """Train the shipped demo model (demo_model/): a small SD1.5-architecture text-to-image
 model plus an AnimateDiff motion module, on procedural clips, on the CPU.
 
-    .dev/venv/bin/python training/train_demo_model.py            # the shipped files (about 60 min, one core)
-    .dev/venv/bin/python training/train_demo_model.py --quick    # a few steps per stage: checks the pipeline
-    .dev/venv/bin/python training/train_demo_model.py --prediction eps --motion-recipe frozen   # the first model
+    python3 scripts/dev.py python training/train_demo_model.py            # the shipped files (about 60 min, one core)
+    python3 scripts/dev.py python training/train_demo_model.py --quick    # a few steps per stage: checks the pipeline
+    python3 scripts/dev.py python training/train_demo_model.py --prediction eps --motion-recipe frozen   # the first model
 
 Stages (each saves `<work>/<stage>.pt` when done and `<work>/<stage>_partial.pt` every
 few hundred steps, so a rerun resumes instead of starting over; stages already done are loaded):
