@@ -34,7 +34,6 @@ from comfy_client import (  # noqa: E402
 )
 
 
-
 def comfyui_path() -> Path:
     """The host under test (COMFYUI_PATH, which scripts/dev.py sets)."""
     if not os.environ.get("COMFYUI_PATH"):

@@ -4,7 +4,7 @@ model plus an AnimateDiff motion module, on procedural clips, on the CPU.
 
     python3 scripts/dev.py python training/train_demo_model.py            # the shipped files (about 60 min, one core)
     python3 scripts/dev.py python training/train_demo_model.py --quick    # a few steps per stage: checks the pipeline
-    python3 scripts/dev.py python training/train_demo_model.py --prediction eps --motion-recipe frozen   # the first model
+    python3 scripts/dev.py python training/train_demo_model.py --prediction eps --motion-recipe frozen  # first model
 
 Stages (each saves `<work>/<stage>.pt` when done and `<work>/<stage>_partial.pt` every
 few hundred steps, so a rerun resumes instead of starting over; stages already done are loaded):
