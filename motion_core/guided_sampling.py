@@ -14,9 +14,9 @@
   step for ComfyUI's `ddim`/`euler` samplers);
 * an APPLY_MODEL wrapper that, in that graph-recording forward, hands ControlNet skip
   residuals to the UNet out of place (control_grad.py);
-* weight wrappers that give autograd normal copies of weights created under ComfyUI's
-  `torch.inference_mode()` (only when the weights are inference tensors, only while grad
-  is on).
+* before that graph-recording forward, weights that ComfyUI created under its
+  `torch.inference_mode()` get normal storage (inference_tensors.py), whichever loader put them
+  there.
 
 Nothing is mutated on the input MODEL; the state lives in this object, reset per run.
 """
@@ -31,6 +31,7 @@ import torch
 from .attention_capture import CaptureState
 from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
+from .inference_tensors import normal_tensors_for_grad
 from .injection import CAPTURE_KEY, INFO_KEY
 from .sparse_motion import SparseMotion
 
@@ -61,13 +62,6 @@ class GuidanceSettings:
     noisy_fraction: float = 0.4  # r
     warmup: int = 10
     cooldown: int = 10
-
-
-def _grad_safe(weight: torch.Tensor) -> torch.Tensor:
-    # Weights loaded inside ComfyUI's inference_mode cannot be saved for backward.
-    if weight.is_inference() and torch.is_grad_enabled():
-        return weight.clone()
-    return weight
 
 
 class MotionGuidance:
@@ -110,6 +104,7 @@ class MotionGuidance:
             with torch.no_grad():
                 uncond_out = executor(model, [None, conds[1]], x_in, timestep, model_options)[1]
         scale = self.settings.weight * ramp_scale(step, guided, self.settings.warmup, self.settings.cooldown)
+        normal_tensors_for_grad(model.diffusion_model, x_in.device)
         with torch.inference_mode(False), torch.enable_grad():
             x = x_in.detach().clone().requires_grad_(True)
             holder: dict[str, torch.Tensor] = {}
@@ -178,12 +173,4 @@ class MotionGuidance:
         patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
         patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, self._apply_model)
         patched.set_model_sampler_post_cfg_function(self._post_cfg)
-        unet = patched.model.diffusion_model
-        if any(p.is_inference() for p in unet.parameters()):
-            for name, module in unet.named_modules():
-                if not hasattr(module, "comfy_cast_weights"):
-                    continue
-                for kind in ("weight", "bias"):
-                    if getattr(module, kind, None) is not None:
-                        patched.add_weight_wrapper(f"diffusion_model.{name}.{kind}", _grad_safe)
         return patched

@@ -49,27 +49,8 @@ class MotionModuleLayer(torch.nn.Module):
             # weights stay usable by the guidance's autograd.
             with torch.inference_mode(False):
                 self.module.to(device=x.device, dtype=x.dtype)
-        elif torch.is_grad_enabled():
-            _make_grad_safe(self.module)
         kwargs = {"motionclone": capture} if capture is not None else None
         return self.module(x, num_frames=frames, cross_attention_kwargs=kwargs)
-
-
-def _make_grad_safe(module: torch.nn.Module) -> None:
-    """Turn inference-tensor weights back into normal tensors before a forward that records a graph.
-
-    ComfyUI moves a loaded model's modules (our injected motion modules included) with `.to()`
-    inside the prompt's inference_mode, e.g. to the GPU; the moved weights are then inference
-    tensors, which autograd cannot save for backward (the guidance's gradient needs them).
-    """
-    with torch.inference_mode(False), torch.no_grad():
-        for param in module.parameters():
-            if param.is_inference():
-                param.data = param.data.clone()
-        for owner in module.modules():  # buffers (e.g. the positional encoding) are replaced, not re-pointed
-            for name, buffer in owner._buffers.items():
-                if buffer is not None and buffer.is_inference():
-                    owner._buffers[name] = buffer.clone()
 
 
 def _run_motion_module(layer: MotionModuleLayer, x, emb, context, transformer_options, *args) -> torch.Tensor:

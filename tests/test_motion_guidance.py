@@ -180,6 +180,39 @@ def test_guidance_works_when_motion_weights_became_inference_tensors(base_model,
     assert torch.isfinite(out).all() and len(guidance.losses) == 4
 
 
+def test_guidance_works_when_the_loader_leaves_inference_tensor_weights(motion, context, tmp_path):
+    """Whatever ComfyUI's loader does inside the prompt's inference_mode: ModelPatcher moves whole
+    models to the GPU with `.to()`; ComfyUI 0.33's ModelPatcherDynamic (NVIDIA only, it cannot be built
+    on a CPU) force-loads small layers on the device, without the weight wrappers it installs for
+    large ones. Same state here: after every load, each UNet weight and buffer (motion modules
+    included) is an inference tensor made as ComfyUI's set_attr_param makes them, and no wrapper was
+    registered for it."""
+    import comfy.patcher_extension as pe
+
+    path = write_tiny_motion_module(tmp_path / "mm.safetensors", seed=2, std=0.2)
+    adapter, info = load_motion_adapter(path)
+    model = apply_motion_modules(build_tiny_sd15_model(seed=0), adapter, info, install_processors(adapter))
+    seen = []
+
+    def weights_as_inference_tensors(patcher, *args):
+        unet = patcher.model.diffusion_model
+        with torch.inference_mode():
+            for module in unet.modules():
+                for name, param in module._parameters.items():
+                    if param is not None:
+                        module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[name] = buffer.clone()
+        seen.append(sum(p.is_inference() for p in unet.parameters()))
+
+    model.add_callback(pe.CallbacksMP.ON_LOAD, weights_as_inference_tensors)
+    with torch.inference_mode():  # as ComfyUI runs a prompt
+        out, guidance = _sample(model, motion, context, 10000.0, steps=6, guided=4)
+    assert seen and seen[0] == len(list(model.model.diffusion_model.parameters()))  # the state was made
+    assert torch.isfinite(out).all() and len(guidance.losses) == 4
+
+
 @pytest.mark.parametrize("sampler,scheduler", [("euler", "normal"), ("ddim", "ddim_uniform"),
                                                 ("dpmpp_2m", "karras")])
 def test_guided_sampling_works_with_comfy_samplers(model, motion, context, sampler, scheduler):
