@@ -14,9 +14,16 @@ freed when nothing else holds it). The Parameter object is replaced, as ComfyUI'
 `set_attr_param` does when it patches weights: an inference Parameter cannot be given normal storage
 in place (it keeps no version counter). Weights kept elsewhere (CPU copies of offloaded layers) are
 cast per call outside inference mode, which already gives normal tensors.
+
+`follow_device_and_dtype` is the same care for the motion modules, which follow the UNet's dtype
+(e.g. float16 on a GPU) on their first forward: ModelPatcherDynamic loads such non-ComfyUI layers
+with set_attr_param inside inference_mode, and `module.to()` outside it would leave Parameters that
+fail on every later use, with or without grad.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -26,20 +33,43 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
-def normal_tensors_for_grad(module: torch.nn.Module, device: torch.device) -> int:
-    """Swap the inference-tensor parameters and buffers of `module` on `device` for normal copies.
-
-    Returns how many were swapped (0 when there is nothing to do, which is cheap to find out).
-    """
-    swapped = 0
+def _replace_tensors(module: torch.nn.Module, wanted: Callable[[torch.Tensor], bool],
+                     convert: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Replace each plain parameter/buffer `wanted` says so of by `convert` of it, made outside inference
+    mode (so the result is a normal tensor); returns how many were replaced."""
+    replaced = 0
     with torch.inference_mode(False), torch.no_grad():
         for owner in module.modules():
             for name, param in owner._parameters.items():
-                if param is not None and param.device == device and param.is_inference() and _plain(param):
-                    owner._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
-                    swapped += 1
+                if param is not None and _plain(param) and wanted(param):
+                    owner._parameters[name] = torch.nn.Parameter(convert(param), requires_grad=param.requires_grad)
+                    replaced += 1
             for name, buffer in owner._buffers.items():
-                if buffer is not None and buffer.device == device and buffer.is_inference() and _plain(buffer):
-                    owner._buffers[name] = buffer.clone()  # a buffer is replaced, not re-pointed
-                    swapped += 1
-    return swapped
+                if buffer is not None and _plain(buffer) and wanted(buffer):
+                    owner._buffers[name] = convert(buffer)  # a buffer is replaced, not re-pointed
+                    replaced += 1
+    return replaced
+
+
+def normal_tensors_for_grad(module: torch.nn.Module, device: torch.device) -> int:
+    """Replace the inference-tensor parameters and buffers of `module` on `device` by normal copies.
+
+    Returns how many were replaced (0 when there is nothing to do, which is cheap to find out).
+    """
+    return _replace_tensors(module, lambda t: t.device == device and t.is_inference(), torch.Tensor.clone)
+
+
+def follow_device_and_dtype(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+    """Give `module`'s parameters and floating buffers `device` and `dtype`, as normal tensors.
+
+    Unlike `module.to()`, which swaps storage in place, this also works on Parameters that ComfyUI
+    created inside inference_mode (its loaders' set_attr_param), which cannot take new storage outside
+    it without breaking every later use ("Inference tensors do not track version counter")."""
+
+    def differs(t: torch.Tensor) -> bool:
+        return t.device != device or (t.is_floating_point() and t.dtype != dtype)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+
+    return _replace_tensors(module, differs, convert)

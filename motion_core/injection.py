@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .attention_capture import CaptureState, TemporalAttnProcessor, check_plain_temporal_attention
+from .inference_tensors import follow_device_and_dtype
 from .motion_module import MotionModuleError, MotionModuleInfo
 from .unet_layout import MOTION_MODULE_CHILD, MotionSlot, motion_slots, original_layers
 
@@ -45,10 +46,8 @@ class MotionModuleLayer(torch.nn.Module):
             )
         param = next(self.module.parameters())
         if param.device != x.device or param.dtype != x.dtype:
-            # Follow ComfyUI's device/dtype choice; outside inference mode so that the moved
-            # weights stay usable by the guidance's autograd.
-            with torch.inference_mode(False):
-                self.module.to(device=x.device, dtype=x.dtype)
+            # Follow ComfyUI's device/dtype choice (e.g. a float16 UNet on the GPU).
+            follow_device_and_dtype(self.module, x.device, x.dtype)
         kwargs = {"motionclone": capture} if capture is not None else None
         return self.module(x, num_frames=frames, cross_attention_kwargs=kwargs)
 

@@ -213,6 +213,38 @@ def test_guidance_works_when_the_loader_leaves_inference_tensor_weights(motion, 
     assert torch.isfinite(out).all() and len(guidance.losses) == 4
 
 
+def test_motion_modules_follow_the_unet_dtype_when_the_loader_made_them_inference_parameters(motion, context,
+                                                                                             tmp_path):
+    """ModelPatcherDynamic loads layers that are not ComfyUI ops (our motion modules) with set_attr_param
+    inside inference_mode, in their own dtype; on their first forward they follow the UNet's dtype.
+    Here: float64 inference Parameters after every load, under a float32 UNet; plain and guided
+    sampling both run, and give what the float32 modules give."""
+    import comfy.patcher_extension as pe
+
+    path = write_tiny_motion_module(tmp_path / "mm.safetensors", seed=2, std=0.2)
+    adapter, info = load_motion_adapter(path)
+    reference = apply_motion_modules(build_tiny_sd15_model(seed=0), adapter, info, install_processors(adapter))
+    with torch.inference_mode():
+        expected, _ = _sample(reference, motion, context, 10000.0, steps=6, guided=4)
+        expected_plain, _ = _sample(reference, motion, context, 0.0, steps=6, guided=4)
+    adapter, info = load_motion_adapter(path)
+    model = apply_motion_modules(build_tiny_sd15_model(seed=0), adapter, info, install_processors(adapter))
+
+    def float64_inference_parameters(patcher, *args):
+        with torch.inference_mode():
+            for module in adapter.modules():
+                for name, param in module._parameters.items():
+                    if param is not None:
+                        module._parameters[name] = torch.nn.Parameter(param.to(torch.float64), requires_grad=False)
+
+    model.add_callback(pe.CallbacksMP.ON_LOAD, float64_inference_parameters)
+    with torch.inference_mode():
+        plain, _ = _sample(model, motion, context, 0.0, steps=6, guided=4)
+        guided, guidance = _sample(model, motion, context, 10000.0, steps=6, guided=4)
+    assert len(guidance.losses) == 4
+    assert torch.equal(plain, expected_plain) and torch.equal(guided, expected)  # float64 -> float32 is exact
+
+
 @pytest.mark.parametrize("sampler,scheduler", [("euler", "normal"), ("ddim", "ddim_uniform"),
                                                 ("dpmpp_2m", "karras")])
 def test_guided_sampling_works_with_comfy_samplers(model, motion, context, sampler, scheduler):
