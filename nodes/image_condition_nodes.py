@@ -15,6 +15,7 @@ from ..motion_core.sparsectrl import (
     load_sparsectrl_patcher,
     parse_frame_indices,
 )
+from .host_features import advanced, supported
 
 NO_FILE = "none"
 MODES = ("sparsectrl", "latent_anchor")
@@ -41,6 +42,7 @@ class ImageCondition(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ImageCondition",
+            **supported(io.Schema, search_aliases=["motionclone", "sparsectrl", "image to video", "sketch to video"]),
             display_name="Image Condition (SparseCtrl)",
             category="MotionClone",
             description=(
@@ -61,8 +63,8 @@ class ImageCondition(io.ComfyNode):
                 io.String.Input("frame_indices", default="0",
                                 tooltip="Comma-separated frame indices; negative counts from the end (-1 = last)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, **advanced(io.Float.Input)),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, **advanced(io.Float.Input)),
                 io.Combo.Input("mode", options=list(MODES), default=MODES[0],
                                tooltip="sparsectrl: SparseCtrl residuals. latent_anchor: x0 of the chosen frames is "
                                        "blended toward the image latent by strength (no SparseCtrl file needed)."),

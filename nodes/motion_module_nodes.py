@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..motion_core.comfy_folders import ANIMATEDIFF_MODELS
 from ..motion_core.injection import apply_motion_modules, install_processors
 from ..motion_core.motion_module import load_motion_adapter
+from .host_features import supported
 
 
 class LoadAnimateDiffMotionModule(io.ComfyNode):
@@ -15,6 +16,7 @@ class LoadAnimateDiffMotionModule(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoadAnimateDiffMotionModule",
+            **supported(io.Schema, search_aliases=["motionclone", "animatediff", "motion module", "v3_sd15_mm"]),
             display_name="Load AnimateDiff Motion Module",
             category="MotionClone/loaders",
             description=(

@@ -12,6 +12,7 @@ from ..motion_core.extraction import extract_sparse_motion, model_fingerprint
 from ..motion_core.guided_sampling import GuidanceSettings, MotionGuidance, attention_layers_of, select_layers
 from ..motion_core.schedule import uneven_timesteps
 from ..motion_core.sparse_motion import SparseMotion
+from .host_features import advanced, supported
 
 Motion = io.Custom("MOTION")
 MOTION_SUFFIX = ".motion.safetensors"
@@ -26,8 +27,10 @@ def _guidance_inputs() -> list:
                      tooltip="Guide the first N steps; 0 = every step whose timestep is >= (1 - r) * 1000."),
         io.Float.Input("noisy_fraction", default=0.4, min=0.01, max=1.0, step=0.01,
                        tooltip="r: the noisy part of the trajectory that is guided when guided_steps is 0."),
-        io.Int.Input("warmup", default=10, min=0, max=1000, tooltip="Guided steps over which the loss ramps up."),
-        io.Int.Input("cooldown", default=10, min=0, max=1000, tooltip="Last guided steps over which it ramps down."),
+        io.Int.Input("warmup", default=10, min=0, max=1000, tooltip="Guided steps over which the loss ramps up.",
+                     **advanced(io.Int.Input)),
+        io.Int.Input("cooldown", default=10, min=0, max=1000, tooltip="Last guided steps over which it ramps down.",
+                     **advanced(io.Int.Input)),
     ]
 
 
@@ -46,6 +49,8 @@ class ExtractSparseMotion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ExtractSparseMotion",
+            **supported(io.Schema, search_aliases=["motionclone", "motion transfer", "reference video motion",
+                                                   "temporal attention"]),
             display_name="Extract Sparse Motion",
             category="MotionClone",
             description="Records the reference video's temporal attention at one noisy timestep and keeps the "
@@ -60,12 +65,14 @@ class ExtractSparseMotion(io.ComfyNode):
                 io.Conditioning.Input("image_condition", optional=True,
                                       tooltip="Image Condition's positive output: its SparseCtrl then runs on the "
                                               "reference video's own frames at the same indices (image-to-video)."),
-                io.Int.Input("timestep", default=400, min=1, max=999, tooltip="Training timestep of the noising."),
+                io.Int.Input("timestep", default=400, min=1, max=999, tooltip="Training timestep of the noising.",
+                             **advanced(io.Int.Input)),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; use the sampler's seed to match the reference setup."),
-                io.Int.Input("top_k", default=1, min=1, max=16),
+                io.Int.Input("top_k", default=1, min=1, max=16, **advanced(io.Int.Input)),
                 io.String.Input("layers", default="up_blocks.1",
-                                tooltip="Comma-separated diffusers block prefixes of the guided temporal attention."),
+                                tooltip="Comma-separated diffusers block prefixes of the guided temporal attention.",
+                                **advanced(io.String.Input)),
             ],
             outputs=[Motion.Output()],
         )
@@ -111,6 +118,8 @@ class MotionGuidedSampler(io.ComfyNode):
 
         return io.Schema(
             node_id="MotionGuidedSampler",
+            **supported(io.Schema, search_aliases=["motionclone", "motion transfer", "ksampler",
+                                                   "animatediff sampler"]),
             display_name="Motion Guided Sampler",
             category="MotionClone",
             description="KSampler with MotionClone guidance: early steps are pulled toward the MOTION's sparse "
@@ -150,6 +159,7 @@ class MotionCloneGuider(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MotionCloneGuider",
+            **supported(io.Schema, search_aliases=["motionclone", "motion transfer", "cfg guider"]),
             display_name="MotionClone Guider",
             category="MotionClone",
             description="CFG guider with MotionClone guidance, for SamplerCustomAdvanced.",
@@ -183,6 +193,7 @@ class MotionCloneUnevenSchedule(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MotionCloneUnevenSchedule",
+            **supported(io.Schema, search_aliases=["motionclone", "sigmas", "scheduler"]),
             display_name="MotionClone Uneven Schedule",
             category="MotionClone",
             description="The reference 'uneven' spacing: guided_steps steps dense over timesteps "
@@ -208,6 +219,7 @@ class SaveMotion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SaveMotion",
+            **supported(io.Schema, search_aliases=["motionclone", "save motion"]),
             display_name="Save Motion",
             category="MotionClone",
             description=f"Saves a MOTION as <prefix>_NNNNN{MOTION_SUFFIX} in the output folder.",
@@ -240,6 +252,7 @@ class LoadMotion(io.ComfyNode):
         )
         return io.Schema(
             node_id="LoadMotion",
+            **supported(io.Schema, search_aliases=["motionclone", "load motion"]),
             display_name="Load Motion",
             category="MotionClone",
             description="Loads a MOTION .safetensors from the input folder (copy saved motions there).",

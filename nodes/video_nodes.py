@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..motion_core import video_io
 from ..motion_core.video_io import FrameSelection, ResizeSpec
+from .host_features import advanced, supported
 
 
 class LoadReferenceVideo(io.ComfyNode):
@@ -17,6 +18,7 @@ class LoadReferenceVideo(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoadReferenceVideo",
+            **supported(io.Schema, search_aliases=["motionclone", "load video", "reference video", "video frames"]),
             display_name="Load Reference Video",
             category="MotionClone",
             description=(
@@ -32,16 +34,19 @@ class LoadReferenceVideo(io.ComfyNode):
                 ),
                 io.Int.Input("frame_load_cap", default=0, min=0, max=1_000_000,
                              tooltip="Keep at most this many frames (after skipping and every-nth); 0 = all. "
-                                     "With evenly_spaced_frames it bounds the window they are picked from."),
+                                     "With evenly_spaced_frames it bounds the window they are picked from.",
+                                     **advanced(io.Int.Input)),
                 io.Int.Input("skip_first_frames", default=0, min=0, max=10_000_000,
-                             tooltip="Frames dropped at the start (counted after force_rate resampling)."),
+                             tooltip="Frames dropped at the start (counted after force_rate resampling).",
+                             **advanced(io.Int.Input)),
                 io.Int.Input("select_every_nth", default=1, min=1, max=10_000,
-                             tooltip="Keep every n-th frame after skipping."),
+                             tooltip="Keep every n-th frame after skipping.", **advanced(io.Int.Input)),
                 io.Int.Input("evenly_spaced_frames", default=16, min=0, max=10_000,
                              tooltip="Pick this many frames at evenly spaced indices over the whole selection "
                                      "(np.linspace(first, last, N).round(), as MotionClone's code); 0 = off."),
                 io.Float.Input("force_rate", default=0.0, min=0.0, max=video_io.MAX_FORCE_RATE, step=0.01,
-                               tooltip="Resample to this frame rate by timestamps; 0 = the source rate."),
+                               tooltip="Resample to this frame rate by timestamps; 0 = the source rate.",
+                               **advanced(io.Float.Input)),
                 io.Int.Input("width", default=512, min=0, max=video_io.MAX_OUTPUT_SIDE, step=8,
                              tooltip="Output width, rounded to the nearest multiple of 8; 0 = from the source "
                                      "(aspect ratio kept if height is set)."),
