@@ -4,8 +4,10 @@ Installed (diffusers' `set_processor`) on every temporal attention of a loaded m
 module. Without a capture request it is plain scaled-dot-product attention; when the
 current forward carries a `CaptureState` naming its layer, it computes
 P = softmax(Q K^T / sqrt(d)) explicitly, hands P to the state (with autograd graph if
-grad is on) and uses it for the output. Capture is requested per forward through
-`transformer_options`, so nothing global is switched on or left behind.
+grad is on) and uses it for the output. A measuring state (`measure_only`) leaves the
+output on the plain path, bit for bit, and computes P beside it without grad. Capture is
+requested per forward through `transformer_options`, so nothing global is switched on or
+left behind.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class CaptureState:
     `probs[layer]` has shape [positions, heads, F, F] (rows sum to 1), positions being
     (videos in the batch) x H x W in that order. `on_layer(name, probs)` may run the
     guidance math as soon as a layer is seen (e.g. right after the last guided layer).
+    `measure_only`: record P without grad and without touching the forward's output, and
+    only in a forward that holds a conditional chunk; `chunks` is then that forward's
+    cond_or_uncond list (0 = conditional), one entry per video chunk of the positions.
     """
 
     def __init__(
@@ -34,10 +39,13 @@ class CaptureState:
         *,
         stop_after_last: bool = False,
         on_layer: Callable[[str, torch.Tensor], None] | None = None,
+        measure_only: bool = False,
     ) -> None:
         self.layers = list(layers)
         self.stop_after_last = stop_after_last
         self.on_layer = on_layer
+        self.measure_only = measure_only
+        self.chunks: list[int] = [0]
         self.probs: dict[str, torch.Tensor] = {}
 
     def wants(self, layer: str) -> bool:
@@ -53,6 +61,17 @@ class CaptureState:
     @property
     def complete(self) -> bool:
         return all(name in self.probs for name in self.layers)
+
+    def conditional_probs(self) -> dict[str, torch.Tensor]:
+        """The recorded maps of the conditional chunks only (uncond chunks of a batched forward dropped)."""
+        keep = [i for i, c in enumerate(self.chunks) if c == 0]
+        if keep == list(range(len(self.chunks))):
+            return dict(self.probs)
+        out = {}
+        for name, p in self.probs.items():
+            per_chunk = p.reshape(len(self.chunks), -1, *p.shape[1:])
+            out[name] = per_chunk[keep].reshape(-1, *p.shape[1:])
+        return out
 
 
 class TemporalAttnProcessor:
@@ -75,11 +94,15 @@ class TemporalAttnProcessor:
         b, n, _ = q.shape
         heads = attn.heads
         q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
-        if motionclone is not None and motionclone.wants(self.layer_name):
+        if motionclone is not None and motionclone.wants(self.layer_name) and not motionclone.measure_only:
             scores = (q @ k.transpose(-1, -2)) * attn.scale
             probs = scores.float().softmax(dim=-1).to(q.dtype)  # [positions, heads, F, F]
             out = probs @ v
             motionclone.record(self.layer_name, probs)
+        elif motionclone is not None and motionclone.wants(self.layer_name):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+            with torch.no_grad():
+                motionclone.record(self.layer_name, ((q @ k.transpose(-1, -2)) * attn.scale).float().softmax(dim=-1))
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
         out = out.transpose(1, 2).reshape(b, n, -1)

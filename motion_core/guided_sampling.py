@@ -18,11 +18,17 @@
   `torch.inference_mode()` get normal storage (inference_tensors.py), whichever loader put them
   there.
 
+With weight 0 nothing is guided: the conditional forward runs as it would without the pack
+(same batch, same attention path, bit for bit) and the motion loss is only measured beside it,
+so an unguided run's loss curve can be compared with a guided one's (`loss_curve()`, logged at
+the end of every run).
+
 Nothing is mutated on the input MODEL; the state lives in this object, reset per run.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -33,6 +39,7 @@ from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
 from .inference_tensors import normal_tensors_for_grad
 from .injection import CAPTURE_KEY, INFO_KEY
+from .loss_plot import format_curve
 from .sparse_motion import SparseMotion
 
 WRAPPER_KEY = "motionclone_guidance"
@@ -96,9 +103,11 @@ class MotionGuidance:
     def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         sigma = float(timestep.flatten()[0])
         info = self._step_info(sigma, model_options, model.model_sampling)
-        if info is None or self.settings.weight == 0 or conds[0] is None:
+        if info is None or conds[0] is None:
             return executor(model, conds, x_in, timestep, model_options)
         step, guided, _ = info
+        if self.settings.weight == 0:
+            return self._measure(executor, model, conds, x_in, timestep, model_options, step)
         uncond_out = None
         if len(conds) > 1 and conds[1] is not None:
             with torch.no_grad():
@@ -129,6 +138,25 @@ class MotionGuidance:
         self._grads[sigma] = holder["grad"].detach()
         return [cond_out, uncond_out if uncond_out is not None else torch.zeros_like(cond_out)]
 
+    def _measure(self, executor, model, conds, x_in, timestep, model_options, step: int):
+        """Weight 0: the step runs exactly as without guidance; the motion loss is only measured."""
+        state = CaptureState(self.motion.layers, measure_only=True)
+        options = dict(model_options)
+        options["transformer_options"] = {**model_options.get("transformer_options", {}), CAPTURE_KEY: state}
+        out = executor(model, conds, x_in, timestep, options)
+        if state.complete:
+            with torch.no_grad():
+                self.losses.append((step, float(self._loss(state.conditional_probs()))))
+        return out
+
+    def loss_curve(self) -> list[tuple[int, float]]:
+        """(guided step, motion loss before its update) of the last run; a step evaluated twice (second-order
+        samplers) counts with its first evaluation, at the step's own sigma."""
+        seen: dict[int, float] = {}
+        for step, loss in self.losses:
+            seen.setdefault(step, loss)
+        return sorted(seen.items())
+
     def _loss(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         # Several positive conds in one forward stack their chunks along positions.
         first = self.motion.layers[0]
@@ -158,10 +186,14 @@ class MotionGuidance:
             control = skip_residuals_as_patch(control, transformer_options)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    def _reset(self, executor, *args, **kwargs):
+    def _run(self, executor, *args, **kwargs):
         self._grads.clear()
         self.losses.clear()
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        kind = "guided" if self.settings.weight else "measured on the unguided run"
+        logging.info("MotionClone: motion loss per guided step (%s, weight %g), step:loss %s", kind,
+                     self.settings.weight, format_curve(self.loss_curve()))
+        return out
 
     def patch(self, model):
         """A clone of `model` that applies this guidance when sampled."""
@@ -169,7 +201,7 @@ class MotionGuidance:
 
         attention_layers_of(model)  # clear error if there are no motion modules
         patched = model.clone()
-        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self._reset)
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self._run)
         patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
         patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, self._apply_model)
         patched.set_model_sampler_post_cfg_function(self._post_cfg)

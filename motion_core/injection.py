@@ -53,10 +53,18 @@ class MotionModuleLayer(torch.nn.Module):
 
 
 def _run_motion_module(layer: MotionModuleLayer, x, emb, context, transformer_options, *args) -> torch.Tensor:
-    chunks = len(transformer_options.get("cond_or_uncond") or [0])
+    cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
+    chunks = len(cond_or_uncond)
     if x.shape[0] % chunks:
         raise ValueError(f"batch of {x.shape[0]} does not split into {chunks} cond/uncond chunks")
-    return layer(x, frames=x.shape[0] // chunks, capture=transformer_options.get(CAPTURE_KEY))
+    capture = transformer_options.get(CAPTURE_KEY)
+    if capture is not None and capture.measure_only:
+        # ComfyUI may run cond and uncond in separate forwards: measure the one with the prompt.
+        if 0 not in cond_or_uncond:
+            capture = None
+        else:
+            capture.chunks = cond_or_uncond
+    return layer(x, frames=x.shape[0] // chunks, capture=capture)
 
 
 def _adapter_module(adapter, diffusers_name: str) -> torch.nn.Module | None:

@@ -6,10 +6,11 @@ import logging
 import os
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..motion_core.extraction import extract_sparse_motion, model_fingerprint
 from ..motion_core.guided_sampling import GuidanceSettings, MotionGuidance, attention_layers_of, select_layers
+from ..motion_core.loss_plot import as_comfy_image, draw_loss_plot
 from ..motion_core.schedule import uneven_timesteps
 from ..motion_core.sparse_motion import SparseMotion
 from .host_features import advanced, supported
@@ -34,14 +35,14 @@ def _guidance_inputs() -> list:
     ]
 
 
-def _guided_model(model, latent, motion: SparseMotion, weight, guided_steps, noisy_fraction, warmup, cooldown):
+def _guidance(model, latent, motion: SparseMotion, weight, guided_steps, noisy_fraction, warmup,
+              cooldown) -> MotionGuidance:
     samples = latent["samples"]
     motion.check_compatible(samples.shape[0], samples.shape[-2], samples.shape[-1], attention_layers_of(model))
     if motion.model_fingerprint and motion.model_fingerprint != model_fingerprint(model):
         logging.warning("MotionClone: MOTION was extracted with %s, sampling with %s",
                         motion.model_fingerprint, model_fingerprint(model))
-    settings = GuidanceSettings(weight, guided_steps, noisy_fraction, warmup, cooldown)
-    return MotionGuidance(motion, settings).patch(model)
+    return MotionGuidance(motion, GuidanceSettings(weight, guided_steps, noisy_fraction, warmup, cooldown))
 
 
 class ExtractSparseMotion(io.ComfyNode):
@@ -137,7 +138,12 @@ class MotionGuidedSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
                 *_guidance_inputs(),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[
+                io.Latent.Output(),
+                io.Image.Output(display_name="loss_plot",
+                                tooltip="The motion loss at each guided step (weight 0: measured along the unguided "
+                                        "run, which stays bit-identical to KSampler). Also in the log."),
+            ],
         )
 
     @classmethod
@@ -145,13 +151,17 @@ class MotionGuidedSampler(io.ComfyNode):
                 motion, guidance_weight, guided_steps, noisy_fraction, warmup, cooldown) -> io.NodeOutput:
         import nodes
 
-        if guidance_weight != 0:
-            model = _guided_model(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction,
-                                  warmup, cooldown)
+        guidance = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
+                             cooldown)
         # KSampler's own code path: same noise, progress bar, previews and interrupt handling.
-        (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                       latent_image, denoise=denoise)
-        return io.NodeOutput(out)
+        (out,) = nodes.common_ksampler(guidance.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
+                                       negative, latent_image, denoise=denoise)
+        curve = guidance.loss_curve()
+        kind = "guided" if guidance_weight else "unguided, measured"
+        plot = as_comfy_image(draw_loss_plot({f"weight {guidance_weight:g}": curve},
+                                             f"MotionClone motion loss per guided step ({kind})"))
+        return io.NodeOutput(out, plot, ui={**ui.PreviewImage(plot).as_dict(),
+                                            "motion_loss": [{"step": s, "loss": v} for s, v in curve]})
 
 
 class MotionCloneGuider(io.ComfyNode):
@@ -179,9 +189,9 @@ class MotionCloneGuider(io.ComfyNode):
                 noisy_fraction, warmup, cooldown) -> io.NodeOutput:
         import comfy.samplers
 
-        if guidance_weight != 0:
-            model = _guided_model(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction,
-                                  warmup, cooldown)
+        # Weight 0 still measures the motion loss (in the log); the sampling is CFGGuider's, bit for bit.
+        model = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
+                          cooldown).patch(model)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

@@ -39,3 +39,13 @@ def _import_pack():
 
 
 motionclone = _import_pack()
+
+
+def pytest_configure(config):
+    # Previews that nodes save (e.g. Motion Guided Sampler's loss plot) go to a throw-away folder,
+    # not into the host's own temp/ folder.
+    import tempfile
+
+    import folder_paths
+
+    folder_paths.set_temp_directory(tempfile.mkdtemp(prefix="motionclone-test-temp-"))

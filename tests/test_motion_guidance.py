@@ -271,12 +271,41 @@ def test_weight_zero_is_bit_identical_to_ksampler(model, motion, context):
         model, latent_image=latent, motion=motion, guidance_weight=0.0, guided_steps=0, noisy_fraction=0.4,
         warmup=10, cooldown=10, **args,
     ).result[0]
-    assert torch.equal(out["samples"], expected["samples"])
+    assert torch.equal(out["samples"], expected["samples"])  # the loss is still measured (next test)
     guided = motion_nodes.MotionGuidedSampler.execute(
         model, latent_image=latent, motion=motion, guidance_weight=2000.0, guided_steps=0, noisy_fraction=0.4,
         warmup=10, cooldown=10, **args,
     ).result[0]
     assert not torch.equal(guided["samples"], expected["samples"])
+
+
+def test_loss_plot_output_and_weight_zero_measures_without_changing_the_sample(model, motion, context, caplog):
+    """The sampler's second output plots the motion loss per guided step; at weight 0 the loss is measured
+    along the unguided trajectory (sample bit-identical to KSampler above) and is higher than the guided
+    run's at the last guided step. Both curves reach the log."""
+    import logging
+
+    latent = {"samples": torch.zeros(FRAMES, 4, SIZE, SIZE)}
+    args = _ksampler_args(context, steps=8)
+    settings = dict(motion=motion, guided_steps=6, noisy_fraction=0.4, warmup=1, cooldown=1)
+    with caplog.at_level(logging.INFO):
+        unguided = motion_nodes.MotionGuidedSampler.execute(model, latent_image=latent, guidance_weight=0.0, **args,
+                                                            **settings)
+        guided = motion_nodes.MotionGuidedSampler.execute(model, latent_image=latent, guidance_weight=10000.0,
+                                                          **args, **settings)
+    curves = {}
+    for name, out in (("unguided", unguided), ("guided", guided)):
+        plot = out.result[1]
+        assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.dtype == torch.float32
+        assert plot.min() < 0.5 < plot.max()  # something is drawn on the white chart
+        curve = [(d["step"], d["loss"]) for d in out.ui["motion_loss"]]
+        assert [s for s, _ in curve] == list(range(6)) and all(math.isfinite(v) and v > 0 for _, v in curve)
+        assert out.ui["images"]  # the plot is shown on the node as a preview
+        curves[name] = curve
+    assert curves["guided"][-1][1] < curves["unguided"][-1][1]
+    assert curves["guided"][0][1] == pytest.approx(curves["unguided"][0][1], rel=1e-4)  # same start
+    logged = [r.getMessage() for r in caplog.records if "motion loss per guided step" in r.getMessage()]
+    assert len(logged) == 2 and "measured on the unguided run" in logged[0] and "0:" in logged[0]
 
 
 def test_guider_for_sampler_custom_advanced_matches_the_sampler_node(model, motion, context):
