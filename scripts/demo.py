@@ -12,8 +12,9 @@ Sampler with a new subject ("blue square"), plus the unguided KSampler from the 
 It saves the frames and an mp4, then writes side_by_side.png / side_by_side.gif (rows:
 reference, guided, unguided) and prints the LK-track motion fidelity and motion recall of both.
 `--workflow workflows/motionclone_smoke_api.json` runs the tiny random-weight smoke graph
-(tiny model files are generated for any loader that names a missing file).
-Exit code 0 on success.
+(tiny model files are generated for any loader that names a missing file); paths are taken
+from where you stand. Each run saves into its own folder, output/runs/<date-time>/ of the
+base directory, printed at the end. Exit code 0 on success.
 """
 
 from __future__ import annotations
@@ -183,6 +184,61 @@ def compose_side_by_side(paths: list[Path], out_dir: Path) -> dict[str, Any]:
     return {"png": png, "gif": gif, **scores}
 
 
+def new_run_dir(output_dir: Path) -> str:
+    """A fresh `runs/<date-time>[-n]` folder name under `output_dir` (relative, for filename prefixes)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, n = f"runs/{stamp}", 1
+    while (output_dir / name).exists():
+        n += 1
+        name = f"runs/{stamp}-{n}"
+    (output_dir / name).mkdir(parents=True)
+    return name
+
+
+def save_into(prompt: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """`prompt` with every `filename_prefix` moved under `run_dir` (one folder per run, nothing piles up)."""
+    out = {}
+    for node_id, node in prompt.items():
+        inputs = dict(node.get("inputs", {}))
+        if isinstance(inputs.get("filename_prefix"), str):
+            inputs["filename_prefix"] = f"{run_dir}/{inputs['filename_prefix']}"
+        out[node_id] = {**node, "inputs": inputs}
+    return out
+
+
+def loss_curves(prompt: dict[str, Any], history: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Each Motion Guided Sampler's motion loss per guided step, from the run's history, by label."""
+    curves = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] != "MotionGuidedSampler":
+            continue
+        entries = history.get("outputs", {}).get(node_id, {}).get("motion_loss") or []
+        weight = node["inputs"].get("guidance_weight")
+        label = f"guided, weight {weight:g}" if weight else "unguided (weight 0)"
+        curves[label] = [(int(e["step"]), float(e["loss"])) for e in entries]
+    return curves
+
+
+def report_losses(curves: dict[str, list[tuple[int, float]]], out_dir: Path) -> Path | None:
+    """Print the curves and save them on one chart (motion_loss.png); None when there are none."""
+    if not any(curves.values()):
+        return None
+    from PIL import Image
+
+    from motionclone.motion_core.loss_plot import draw_loss_plot, format_curve
+
+    print("motion loss per guided step (step:loss; the guidance pulls the temporal attention toward the MOTION):")
+    for label, curve in curves.items():
+        print(f"  {label:22s} {format_curve(curve)}")
+    finals = {label: curve[-1][1] for label, curve in curves.items() if curve}
+    if len(finals) == 2:
+        (a, va), (b, vb) = finals.items()
+        print(f"  at the last guided step: {a} {va:.4g}, {b} {vb:.4g} (ratio {va / vb:.2f})")
+    path = out_dir / "motion_loss.png"
+    Image.fromarray(draw_loss_plot(curves, "MotionClone motion loss per guided step")).save(path)
+    return path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Run the MotionClone smoke/demo workflow on a headless ComfyUI.")
     p.add_argument("--workflow", type=Path, default=DEMO_WORKFLOW, help="API-format workflow (default: the demo)")
@@ -226,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: the server has no node(s) {', '.join(missing)}", file=sys.stderr)
                 return 1
             t1 = time.monotonic()
-            prompt_id = server.client.queue(prompt)
+            run_dir = new_run_dir(base / "output")
+            prompt_id = server.client.queue(save_into(prompt, run_dir))
             print(f"queued {args.workflow.name} as {prompt_id}")
             result = server.client.wait(
                 prompt_id, args.timeout, on_event=ProgressPrinter(prompt), folders=server.folders
@@ -234,19 +291,22 @@ def main(argv: list[str] | None = None) -> int:
             if not result.ok:
                 print(result.failure_report(), file=sys.stderr)
                 return 1
-            print(f"run finished in {time.monotonic() - t1:.1f} s; {len(result.paths)} file(s) saved:")
-            for path in result.paths:
+            print(f"run finished in {time.monotonic() - t1:.1f} s; {len(result.paths)} file(s) saved, e.g.:")
+            for path in [p for p in result.paths if p.suffix != ".png"] or result.paths[:1]:
                 print(f"  {path}")
             if uses_demo_model:
                 ensure_pack_importable(comfyui)
-                out_dir = result.paths[0].parent if result.paths else base / "output"
-                composed = compose_side_by_side(result.paths, out_dir)
+                composed = compose_side_by_side(result.paths, base / "output" / run_dir)
                 if composed:
                     print(f"side by side (reference / guided / unguided): {composed['png']}")
                     print(f"animated side by side: {composed['gif']}")
                     g, u = composed["guided"], composed["unguided"]
                     print(f"vs the reference: LK-track motion fidelity guided {g.fidelity:.3f}, unguided "
                           f"{u.fidelity:.3f}; motion recall guided {g.recall:.3f}, unguided {u.recall:.3f}")
+            ensure_pack_importable(comfyui)
+            if plot := report_losses(loss_curves(prompt, result.history), base / "output" / run_dir):
+                print(f"motion loss chart: {plot}")
+            print(f"this run's files are in {base / 'output' / run_dir}")
     except (ServerStartError, ComfyError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

