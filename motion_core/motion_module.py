@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .errors import MotionCloneError
+
 # Every AnimateDiff SD1.5/SDXL motion module uses 8 heads; head count does not change any
 # tensor shape, so it cannot be read from the file.
 ANIMATEDIFF_HEADS = 8
@@ -24,7 +26,7 @@ _MM_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.motion_modules\.(\d+)\.t
 _MID_KEY = re.compile(r"^mid_block\.motion_modules\.(\d+)\.temporal_transformer\.")
 
 
-class MotionModuleError(ValueError):
+class MotionModuleError(MotionCloneError):
     """A file that is not a usable AnimateDiff motion module, with the reason."""
 
 

@@ -15,16 +15,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import MotionCloneError
+
 FORMAT_NAME = "motionclone.sparse_motion"
 FORMAT_VERSION = 1
 MAX_FRAMES = 256  # indices are stored as uint8
 
 
-class MotionMismatchError(ValueError):
+class MotionMismatchError(MotionCloneError):
     """A MOTION does not fit the latent / model it is applied to."""
 
 
-class MotionFileError(ValueError):
+class MotionFileError(MotionCloneError):
     """A file is not a (readable) MOTION file."""
 
 

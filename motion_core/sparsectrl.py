@@ -28,6 +28,7 @@ from typing import Any
 import comfy.controlnet  # this module is host-specific: the controls subclass ComfyUI's ControlBase
 import torch
 
+from .errors import MotionCloneError
 from .motion_module import MotionModuleError, read_state_dict
 from .motion_module import from_diffusers_state_dict as _motion_from_diffusers
 from .motion_module import to_diffusers_state_dict as _motion_to_diffusers
@@ -42,7 +43,7 @@ _MOTION_KEY = re.compile(r"^down_blocks\.(\d+)\.motion_modules\.(\d+)\.temporal_
 _PE_SUFFIX = ".attention_blocks.0.pos_encoder.pe"
 
 
-class SparseCtrlError(ValueError):
+class SparseCtrlError(MotionCloneError):
     """A file that is not a usable SparseCtrl (or does not fit the model), with the reason."""
 
 

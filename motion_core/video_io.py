@@ -40,6 +40,8 @@ import cv2
 import numpy as np
 import torch
 
+from .errors import MotionCloneError
+
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".webp")
 RESIZE_MODES = ("stretch", "crop", "pad")
 ENV_VIDEO_DIRS = "MOTIONCLONE_VIDEO_DIRS"
@@ -53,7 +55,7 @@ FALLBACK_FPS = Fraction(8)  # AnimateDiff's usual rate, for streams that state n
 SourceLike = str | os.PathLike | io.BytesIO
 
 
-class VideoLoadError(ValueError):
+class VideoLoadError(MotionCloneError):
     """The video cannot be loaded as asked; the message says why and what to change."""
 
 

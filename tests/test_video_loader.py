@@ -531,3 +531,5 @@ def test_node_in_a_real_server(tmp_path, monkeypatch):
         assert run(file="", path=str(server.input_dir / "clip.webm")).ok
         refused = run(path=str(clip_outside))
         assert not refused.ok and "outside the allowed folders" in refused.error_message()
+        # The error type reads cleanly in the UI, without the install path of the pack.
+        assert refused.error["exception_type"] == "MotionClone.VideoLoadError", refused.error
