@@ -36,6 +36,7 @@ import torch
 
 from .attention_capture import CaptureState
 from .control_grad import controls_without_grad, skip_residuals_as_patch
+from .errors import MotionCloneError
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
 from .inference_tensors import normal_tensors_for_grad
 from .injection import CAPTURE_KEY, INFO_KEY
@@ -60,6 +61,21 @@ def select_layers(available: list[str], selection: str) -> list[str]:
     if not chosen:
         raise ValueError(f"no temporal attention layer matches {selection!r}; e.g. 'up_blocks.1' or 'down_blocks.2'")
     return chosen
+
+
+class GuidanceError(MotionCloneError):
+    """A guided step went numerically wrong; the message says where and what to lower."""
+
+
+def _require_finite(t: torch.Tensor, what: str, loss: torch.Tensor | None, scale: float) -> None:
+    if bool(torch.isfinite(t).all()):
+        return
+    loss_text = f", motion loss {float(loss.detach()):.4g}" if loss is not None else ""
+    raise GuidanceError(
+        f"MotionClone: {what} is not finite (NaN or infinity; weight x ramp {scale:g}{loss_text}). Sampling "
+        "stopped: lower guidance_weight, or check that the model's prediction is finite without guidance "
+        "(e.g. a float16 overflow)."
+    )
 
 
 @dataclass
@@ -124,6 +140,7 @@ class MotionGuidance:
                 loss = self._loss(state.probs)
                 self.losses.append((step, float(loss.detach())))
                 (grad_x,) = torch.autograd.grad(loss * scale, x)
+                _require_finite(grad_x, f"the motion loss gradient at guided step {step}", loss, scale)
                 # dL/dz_t: the model sees z_t = x / sqrt(1 + sigma^2)
                 holder["grad"] = grad_x * math.sqrt(1.0 + sigma * sigma)
                 state.probs.clear()
@@ -178,7 +195,9 @@ class MotionGuidance:
         if info is None:
             return denoised
         lam = denoised_correction_scale(sigma, info[2])
-        return denoised - lam * grad.to(denoised)
+        guided = denoised - lam * grad.to(denoised)
+        _require_finite(guided, f"the guided prediction at guided step {info[0]}", None, self.settings.weight)
+        return guided
 
     @staticmethod
     def _apply_model(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):

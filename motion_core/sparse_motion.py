@@ -64,6 +64,9 @@ class SparseMotion:
                                  f"frames={self.frames}, top_k={self.top_k}")
             if idx.numel() and int(idx.max()) >= self.frames:
                 raise ValueError(f"MOTION layer {name}: frame index {int(idx.max())} >= frames={self.frames}")
+            if not bool(torch.isfinite(val).all()):
+                raise ValueError(f"MOTION layer {name} holds values that are not finite (NaN or infinity): the "
+                                 "attention it was extracted from was not finite, or the file is damaged")
 
     # --- construction -------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from ..motion_core.loss_plot import as_comfy_image, draw_loss_plot
 from ..motion_core.schedule import uneven_timesteps
 from ..motion_core.sparse_motion import SparseMotion
 from .host_features import advanced, supported
+from .validation import numbers_valid, require_finite
 
 Motion = io.Custom("MOTION")
 MOTION_SUFFIX = ".motion.safetensors"
@@ -37,6 +38,7 @@ def _guidance_inputs() -> list:
 
 def _guidance(model, latent, motion: SparseMotion, weight, guided_steps, noisy_fraction, warmup,
               cooldown) -> MotionGuidance:
+    require_finite("MotionClone", guidance_weight=weight, noisy_fraction=noisy_fraction)
     samples = latent["samples"]
     motion.check_compatible(samples.shape[0], samples.shape[-2], samples.shape[-1], attention_layers_of(model))
     if motion.model_fingerprint and motion.model_fingerprint != model_fingerprint(model):
@@ -147,10 +149,16 @@ class MotionGuidedSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg=None, denoise=None, guidance_weight=None, noisy_fraction=None) -> bool | str:
+        return numbers_valid(cls.define_schema(), cfg=cfg, denoise=denoise, guidance_weight=guidance_weight,
+                             noisy_fraction=noisy_fraction)
+
+    @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 motion, guidance_weight, guided_steps, noisy_fraction, warmup, cooldown) -> io.NodeOutput:
         import nodes
 
+        require_finite("Motion Guided Sampler", cfg=cfg, denoise=denoise)
         guidance = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
                              cooldown)
         # KSampler's own code path: same noise, progress bar, previews and interrupt handling.
@@ -185,10 +193,16 @@ class MotionCloneGuider(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg=None, guidance_weight=None, noisy_fraction=None) -> bool | str:
+        return numbers_valid(cls.define_schema(), cfg=cfg, guidance_weight=guidance_weight,
+                             noisy_fraction=noisy_fraction)
+
+    @classmethod
     def execute(cls, model, positive, negative, cfg, latent_image, motion, guidance_weight, guided_steps,
                 noisy_fraction, warmup, cooldown) -> io.NodeOutput:
         import comfy.samplers
 
+        require_finite("MotionClone Guider", cfg=cfg)
         # Weight 0 still measures the motion loss (in the log); the sampling is CFGGuider's, bit for bit.
         model = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
                           cooldown).patch(model)

@@ -347,6 +347,44 @@ def test_no_patch_leaks_into_the_input_model(model, motion, context):
     assert torch.equal(run(), expected)
 
 
+def test_non_finite_inputs_motions_and_steps_stop_with_clear_errors(model, motion, context, tmp_path):
+    from motionclone.motion_core.guided_sampling import GuidanceError
+    from motionclone.motion_core.sparse_motion import MotionFileError
+
+    latent = {"samples": torch.zeros(FRAMES, 4, SIZE, SIZE)}
+    args = _ksampler_args(context)
+    settings = dict(motion=motion, guidance_weight=2000.0, guided_steps=2, noisy_fraction=0.4, warmup=1, cooldown=1)
+    # A linked NaN reaches execute (validate_inputs sees links as None).
+    with pytest.raises(ValueError, match="noisy_fraction must be a finite number, got nan"):
+        motion_nodes.MotionGuidedSampler.execute(model, latent_image=latent, **args,
+                                                 **{**settings, "noisy_fraction": float("nan")})
+    with pytest.raises(ValueError, match="cfg must be a finite number"):
+        motion_nodes.MotionGuidedSampler.execute(model, latent_image=latent, **{**args, "cfg": float("inf")},
+                                                 **settings)
+    assert motion_nodes.MotionGuidedSampler.validate_inputs(guidance_weight=None, cfg=8.5) is True
+    assert "finite" in motion_nodes.MotionCloneGuider.validate_inputs(guidance_weight=float("nan"))
+    # A motion file whose values are NaN.
+    bad = motion.to("cpu")
+    values = {k: v.clone() for k, v in bad.values.items()}
+    values[bad.layers[0]][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        SparseMotion(**{**bad.__dict__, "values": values})
+    path = tmp_path / "nan.motion.safetensors"
+    bad.save(path)
+    import safetensors.torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors[f"{bad.layers[0]}.values"] = values[bad.layers[0]]
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(MotionFileError, match="not finite"):
+        SparseMotion.load(path)
+    # A guided step whose gradient is not finite stops the run and says what to lower.
+    with pytest.raises(GuidanceError, match="not finite.*lower guidance_weight"):
+        _sample(model, motion, context, float("inf"), steps=4, guided=2)
+
+
 def test_mismatched_motion_is_refused(model, motion, context):
     args = _ksampler_args(context)
     settings = dict(guidance_weight=2000.0, guided_steps=0, noisy_fraction=0.4, warmup=10, cooldown=10)

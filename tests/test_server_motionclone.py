@@ -128,3 +128,31 @@ def test_guided_sampling_can_be_interrupted(server):
 
     result = server.wait(prompt_id, timeout=900, on_event=on_event)
     assert fired.is_set() and result.status == "interrupted", result.failure_report()
+
+
+@pytest.mark.server
+def test_non_finite_numbers_are_refused_at_the_prompt(server):
+    """NaN passes ComfyUI's own min/max checks (every comparison is false); the API may send it."""
+    from comfy_client import PromptValidationError
+
+    def upstream_of(graph: dict, output: str) -> dict:  # only this output: ComfyUI runs the valid others
+        keep, todo = set(), [output]
+        while todo:
+            node = todo.pop()
+            keep.add(node)
+            todo += [v[0] for v in graph[node]["inputs"].values() if isinstance(v, list) and v[0] not in keep]
+        return {k: v for k, v in graph.items() if k in keep}
+
+    for node, name, output in (("12", "guidance_weight", "14"), ("12", "noisy_fraction", "14"),
+                               ("21", "guidance_weight", "27"), ("12", "cfg", "14")):
+        graph = _graph()
+        graph[node]["inputs"][name] = float("nan")
+        graph = upstream_of(graph, output)
+        with pytest.raises(PromptValidationError) as err:
+            server.queue(graph)
+        assert f"{name} must be a finite number, got nan" in str(err.value.details), err.value.details
+    graph = upstream_of(_graph(), "14")
+    graph["12"]["inputs"]["guidance_weight"] = -1.0  # the range check still holds for inputs we validate
+    with pytest.raises(PromptValidationError) as err:
+        server.queue(graph)
+    assert "smaller than min" in str(err.value.details)
