@@ -8,7 +8,9 @@ Plain torch + safetensors; no ComfyUI imports.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,9 +19,28 @@ from safetensors.torch import save_file
 
 from .errors import MotionCloneError
 
+# SD1.5's UNet (and the AnimateDiff motion modules for it) works at four resolutions: each level down
+# halves the latent (rounding up, as its stride-2 convolutions do); up_blocks.i is level 3 - i.
+UNET_LEVELS = 4
+_BLOCK = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|mid_block)\.")
+
 FORMAT_NAME = "motionclone.sparse_motion"
 FORMAT_VERSION = 1
 MAX_FRAMES = 256  # indices are stored as uint8
+
+
+def positions_per_video(layer: str, latent_height: int, latent_width: int) -> int | None:
+    """Spatial positions of one video at `layer` (e.g. up_blocks.1: a quarter of the latent per side);
+    None for a layer name this rule does not know."""
+    match = _BLOCK.match(layer)
+    if match is None:
+        return None
+    kind, index = match.groups()
+    level = UNET_LEVELS - 1 if kind is None else int(index) if kind == "down_blocks" else UNET_LEVELS - 1 - int(index)
+    if not 0 <= level < UNET_LEVELS:
+        return None
+    scale = 2**level
+    return math.ceil(latent_height / scale) * math.ceil(latent_width / scale)
 
 
 class MotionMismatchError(MotionCloneError):
@@ -193,10 +214,26 @@ class SparseMotion:
         except (KeyError, ValueError, TypeError) as e:  # ValueError covers JSONDecodeError
             raise MotionFileError(f"{path}: motion metadata is damaged ({e!r})") from e
         try:
-            return cls(values=values, indices=indices, frames=int(info["frames"]),
+            motion = cls(values=values, indices=indices, frames=int(info["frames"]),
                        latent_height=int(info["latent_height"]), latent_width=int(info["latent_width"]),
                        layers=list(info["layers"]), timestep=int(info["timestep"]), top_k=int(info["top_k"]),
                        model_fingerprint=str(info.get("model_fingerprint", "")), format_version=version,
                        extra={str(k): str(v) for k, v in info.get("extra", {}).items()})
         except (KeyError, ValueError) as e:
             raise MotionFileError(f"{path}: invalid motion file: {e}") from e
+        _check_positions(path, motion)
+        return motion
+
+
+def _check_positions(path: str, motion: SparseMotion) -> None:
+    """The stored tensors must fit the latent size the metadata claims: a MOTION holds one video's positions
+    (extraction takes one reference), and tensors of another size would be folded wrongly by the guidance."""
+    for name in motion.layers:
+        per_video = positions_per_video(name, motion.latent_height, motion.latent_width)
+        stored = int(motion.values[name].shape[0])
+        if per_video is not None and stored != per_video:
+            raise MotionFileError(
+                f"{path}: layer {name} stores {stored} spatial positions, but the {motion.latent_height}x"
+                f"{motion.latent_width} latent the metadata names has {per_video} there: the metadata does not "
+                "match the tensors (edited or damaged file); extract the motion again"
+            )

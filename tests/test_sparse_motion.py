@@ -6,7 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from motionclone.motion_core.sparse_motion import MotionFileError, MotionMismatchError, SparseMotion
+from motionclone.motion_core.sparse_motion import (
+    MotionFileError,
+    MotionMismatchError,
+    SparseMotion,
+    positions_per_video,
+)
 
 LAYERS = [
     "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1",
@@ -22,7 +27,8 @@ def random_probs(shape_by_layer: dict[str, tuple[int, ...]], seed: int = 0) -> d
 
 def make_motion(frames: int = 6, top_k: int = 1, s: int = 12, heads: int = 2) -> SparseMotion:
     probs = random_probs({name: (s, heads, frames, frames) for name in LAYERS})
-    return SparseMotion.from_probs(probs, top_k=top_k, frames=frames, latent_height=4, latent_width=3,
+    # up_blocks.1 sees a quarter of the latent per side: 16x12 -> 4x3 = 12 positions
+    return SparseMotion.from_probs(probs, top_k=top_k, frames=frames, latent_height=16, latent_width=12,
                                    timestep=400, model_fingerprint="abc123", extra={"source": "test.mp4"})
 
 
@@ -102,16 +108,43 @@ def test_load_refuses_newer_format(tmp_path):
 
 def test_check_compatible():
     m = make_motion(frames=6)
-    m.check_compatible(6, 4, 3, LAYERS + ["down_blocks.0.other"])  # superset of layers is fine
-    m.check_compatible(6, 4, 3)
+    m.check_compatible(6, 16, 12, LAYERS + ["down_blocks.0.other"])  # superset of layers is fine
+    m.check_compatible(6, 16, 12)
     with pytest.raises(MotionMismatchError, match="MOTION has 6 frames but the latent batch has 8"):
-        m.check_compatible(8, 4, 3)
-    with pytest.raises(MotionMismatchError, match=r"4x3 latents \(32x24 px\) but the latent is 8x8"):
+        m.check_compatible(8, 16, 12)
+    with pytest.raises(MotionMismatchError, match=r"16x12 latents \(128x96 px\) but the latent is 8x8"):
         m.check_compatible(6, 8, 8)
     with pytest.raises(MotionMismatchError, match=f"not found in the model: {LAYERS[1]}"):
-        m.check_compatible(6, 4, 3, LAYERS[:1])
+        m.check_compatible(6, 16, 12, LAYERS[:1])
     with pytest.raises(ValueError):  # MotionMismatchError is a ValueError for generic callers
-        m.check_compatible(6, 4, 4)
+        m.check_compatible(6, 16, 16)
+
+
+def test_positions_per_layer_follow_the_unet_levels():
+    assert positions_per_video("up_blocks.1.motion_modules.0.transformer_blocks.0.attn1", 64, 64) == 256  # 512 px
+    assert positions_per_video("down_blocks.0.motion_modules.1.x", 63, 65) == 63 * 65
+    assert positions_per_video("down_blocks.2.motion_modules.0.x", 9, 9) == 9  # ceil(9 / 4) = 3 per side
+    assert positions_per_video("mid_block.motion_modules.0.x", 64, 64) == 64
+    assert positions_per_video("up_blocks.3.motion_modules.2.x", 20, 12) == 240
+    assert positions_per_video("up_blocks.0.motion_modules.0.x", 17, 8) == 3
+    assert positions_per_video("something.else", 64, 64) is None
+
+
+def test_load_refuses_metadata_that_does_not_fit_the_tensors(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    m = make_motion(frames=6)
+    path = tmp_path / "edited.motion.safetensors"
+    m.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for h, w in ((8, 6), (32, 24), (16, 16)):  # 2x2 (a divisor: would have been folded as 3 videos), 8x6, 4x4
+        info = json.loads(meta["motion"]) | {"latent_height": h, "latent_width": w}
+        save_file(tensors, str(path), metadata={**meta, "motion": json.dumps(info)})
+        with pytest.raises(MotionFileError, match=f"stores 12 spatial positions, but the {h}x{w} latent"):
+            SparseMotion.load(path)
 
 
 def test_invalid_construction():
@@ -119,10 +152,10 @@ def test_invalid_construction():
     bad = dict(m.indices)
     bad[LAYERS[0]] = torch.full_like(bad[LAYERS[0]], 6)
     with pytest.raises(ValueError, match="frame index 6"):
-        SparseMotion(values=m.values, indices=bad, frames=6, latent_height=4, latent_width=3, layers=LAYERS,
+        SparseMotion(values=m.values, indices=bad, frames=6, latent_height=16, latent_width=12, layers=LAYERS,
                      timestep=400, top_k=1)
     with pytest.raises(ValueError, match="keys"):
-        SparseMotion(values=m.values, indices=m.indices, frames=6, latent_height=4, latent_width=3,
+        SparseMotion(values=m.values, indices=m.indices, frames=6, latent_height=16, latent_width=12,
                      layers=LAYERS[:1], timestep=400, top_k=1)
 
 
