@@ -414,8 +414,8 @@ def test_motion_guided_sampler_with_image_condition(controlnet_folder, video_mod
     latent = {"samples": torch.zeros(FRAMES, 4, LATENT, LATENT)}
 
     def run(p, n):
-        (out,) = MotionGuidedSampler.execute(video_model, 0, 3, 7.5, "euler", "normal", p, n, latent, 1.0, motion,
-                                             2000.0, 2, 0.4, 1, 1).result
+        out = MotionGuidedSampler.execute(video_model, 0, 3, 7.5, "euler", "normal", p, n, latent, 1.0, motion,
+                                          2000.0, 2, 0.4, 1, 1).result[0]
         return out["samples"]
 
     guided, guided_with_control = run(pos, neg), run(pos2, neg2)
@@ -432,8 +432,8 @@ def test_guided_sampling_with_a_core_controlnet_alone(video_model, base):
     latent = {"samples": torch.zeros(FRAMES, 4, LATENT, LATENT)}
 
     def run(p, n, weight):
-        (out,) = MotionGuidedSampler.execute(video_model, 0, 3, 7.5, "euler", "normal", p, n, latent, 1.0, motion,
-                                             weight, 2, 0.4, 1, 1).result
+        out = MotionGuidedSampler.execute(video_model, 0, 3, 7.5, "euler", "normal", p, n, latent, 1.0, motion,
+                                          weight, 2, 0.4, 1, 1).result[0]
         return out["samples"]
 
     with_control = run(pos2, neg2, 2000.0)
@@ -453,8 +453,8 @@ def test_guided_sampling_with_a_core_controlnet_loaded_in_inference_mode(video_m
         pos, neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(*_conds(), controlnet, _image(3), 0.8,
                                                                           0.0, 1.0)
         latent = {"samples": torch.zeros(FRAMES, 4, LATENT, LATENT)}
-        (out,) = MotionGuidedSampler.execute(video_model, 0, 3, 7.5, "euler", "normal", pos, neg, latent, 1.0, motion,
-                                             2000.0, 2, 0.4, 1, 1).result
+        out = MotionGuidedSampler.execute(video_model, 0, 3, 7.5, "euler", "normal", pos, neg, latent, 1.0, motion,
+                                          2000.0, 2, 0.4, 1, 1).result[0]
     assert torch.isfinite(out["samples"]).all()
 
 
