@@ -346,6 +346,7 @@ class _PyAVSource:
         elif stream.duration and stream.time_base:
             duration = stream.duration * stream.time_base
         frames = int(stream.frames) if stream.frames and stream.frames > 0 else None
+        self.decoded_to_end: int | None = None  # frames of a pass that ran to the end of the stream
         if not fps:
             fps = Fraction(frames) / duration if frames and duration else FALLBACK_FPS
         if frames is None and duration:
@@ -363,6 +364,7 @@ class _PyAVSource:
             try:
                 frame = next(decoded)
             except StopIteration:
+                self.decoded_to_end = count
                 return
             except av.error.FFmpegError as e:
                 raise _err(f"decoding {self.label} failed after {count} frames ({e})") from e
@@ -578,6 +580,12 @@ def _load(open_source: Callable[[], Any], sel: FrameSelection, resize: ResizeSpe
         if sel.evenly_spaced_frames:
             stats.passes += 1
             window = sum(1 for _ in _candidates(source, sel))  # counting pass: nothing converted or kept
+            if damage := _damage(source):
+                if sel.evenly_spaced_frames > window:
+                    raise _err(f"{_damaged(source.label, damage)}; re-export or download it again, or lower "
+                               f"evenly_spaced_frames to at most {window} to pick from the part that decodes")
+                logging.warning("Load Reference Video: %s; the %d evenly spaced frames are picked from that part only",
+                                _damaged(source.label, damage), sel.evenly_spaced_frames)
             if window == 0:
                 raise _err(f"no frames left after selection ({_describe(sel)}; {stats.decoded} decoded)")
             if sel.evenly_spaced_frames > window:
@@ -609,6 +617,11 @@ def _load(open_source: Callable[[], Any], sel: FrameSelection, resize: ResizeSpe
             stats.converted += 1
             if stats.progress is not None and bound:
                 stats.progress(len(kept), max(bound, len(kept)))
+        if (damage := _damage(source)) and not sel.evenly_spaced_frames:
+            wanted = f"{sel.frame_load_cap} frames" if sel.frame_load_cap else "all frames"
+            raise _err(f"{_damaged(source.label, damage)}; {wanted} were asked for and {len(kept)} were loaded. "
+                       "Re-export or download it again, or set frame_load_cap to at most "
+                       f"{len(kept)} to use the part that decodes")
         if not kept:
             raise _err(f"no frames left after selection ({_describe(sel)}; {stats.decoded} frames decoded)")
     finally:
@@ -616,6 +629,22 @@ def _load(open_source: Callable[[], Any], sel: FrameSelection, resize: ResizeSpe
 
     images = _stack(kept, width, height)
     return LoadedVideo(images, _output_fps(info, sel, window), info, stats)
+
+
+def _damage(source: Any) -> tuple[int, int] | None:
+    """(decoded, promised) when a pass ran to the end of the stream well short of the container's frame count
+    (a file cut short: its index, at the front, still lists every frame); None otherwise. A few frames of
+    slack cover containers whose count is estimated from duration x rate."""
+    decoded, promised = getattr(source, "decoded_to_end", None), source.info.frame_count
+    if decoded is None or not promised:
+        return None
+    return (decoded, promised) if decoded < promised - max(2, round(0.05 * promised)) else None
+
+
+def _damaged(label: str, damage: tuple[int, int]) -> str:
+    decoded, promised = damage
+    return (f"{label} is damaged: its container promises {promised} frames but only the first {decoded} decode "
+            f"(the file was probably cut short while copying or downloading)")
 
 
 def _pick(candidates: Iterator[_Frame], wanted: list[int]) -> Iterator[_Frame]:

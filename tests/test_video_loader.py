@@ -72,6 +72,23 @@ def write_clip(folder: Path, ext: str, frames: list[np.ndarray] | None = None, f
     return WRITERS[ext](folder / f"{name}.{ext}", frames if frames is not None else _grey_frames(), fps)
 
 
+def write_cut_short(folder: Path, name: str = "cut.mp4", keep: float = 0.4) -> Path:
+    """A 16-frame mp4 with its index at the front (faststart), cut to `keep` of its bytes: the container
+    still promises every frame, only the first ones decode (a copy or download that stopped early)."""
+    full = folder / f"full_{name}"
+    rng = np.random.default_rng(0)  # noise: the frames, not the header, make up the file
+    with av.open(str(full), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        for _ in range(16):
+            array = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    data = full.read_bytes()
+    (folder / name).write_bytes(data[: int(len(data) * keep)])
+    return folder / name
+
+
 def frame_ids(images: torch.Tensor) -> list[int]:
     """Which generated frame each output frame is, from its mean brightness."""
     levels = images.mean(dim=(1, 2, 3)).mul(255).tolist()
@@ -467,6 +484,24 @@ def test_interrupt_stops_decoding(clips):
         assert len(seen) == 5
 
 
+def test_a_file_cut_short_is_reported_as_damaged(tmp_path, caplog):
+    import logging
+
+    cut = write_cut_short(tmp_path)
+    survived = video_io.load_video_file(cut, FrameSelection(frame_load_cap=2)).source.frame_count
+    assert survived == 16  # the container still promises all of them
+    with pytest.raises(VideoLoadError, match=r"is damaged: its container promises 16 frames but only the first "
+                                             r"(\d+) decode.*lower evenly_spaced_frames to at most"):
+        video_io.load_video_file(cut, FrameSelection(evenly_spaced_frames=16))
+    with pytest.raises(VideoLoadError, match="is damaged.*all frames were asked for"):
+        video_io.load_video_file(cut, FrameSelection())
+    with caplog.at_level(logging.WARNING):  # fewer frames asked for than survived: a warning, and the frames
+        loaded = video_io.load_video_file(cut, FrameSelection(evenly_spaced_frames=3))
+    assert loaded.frame_count == 3 and any("is damaged" in r.getMessage() for r in caplog.records)
+    # A whole file is not damaged.
+    assert video_io.load_video_file(tmp_path / "full_cut.mp4", FrameSelection()).frame_count == 16
+
+
 def test_progress_counts_kept_frames(clips, input_dir, monkeypatch):
     import comfy.utils
 
@@ -533,3 +568,6 @@ def test_node_in_a_real_server(tmp_path, monkeypatch):
         assert not refused.ok and "outside the allowed folders" in refused.error_message()
         # The error type reads cleanly in the UI, without the install path of the pack.
         assert refused.error["exception_type"] == "MotionClone.VideoLoadError", refused.error
+        write_cut_short(server.input_dir)  # a file cut short says so, instead of blaming the selection
+        damaged = run(file="cut.mp4", evenly_spaced_frames=16)
+        assert not damaged.ok and "cut.mp4' is damaged: its container promises 16 frames" in damaged.error_message()
