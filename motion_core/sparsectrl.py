@@ -559,6 +559,15 @@ def attach_control(positive, negative, control, image: torch.Tensor, strength: f
     return out[0], out[1]
 
 
+def chain_links(control) -> list:
+    """The links of a control chain, first to last."""
+    links = []
+    while control is not None:
+        links.append(control)
+        control = control.previous_controlnet
+    return links
+
+
 def condition_on_reference(control, frames: torch.Tensor):
     """A copy of a control chain whose SparseCtrl links take their condition images from a
     reference video (IMAGE [F, H, W, C]) at their own frame indices, as MotionClone's

@@ -100,7 +100,7 @@ class ExtractSparseMotion(io.ComfyNode):
             positive = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         control = None
         if image_condition is not None:
-            from ..motion_core.sparsectrl import condition_on_reference
+            from ..motion_core.sparsectrl import LatentAnchorControl, chain_links, condition_on_reference
 
             control = image_condition[0][1].get("control")
             if control is None:
@@ -108,7 +108,15 @@ class ExtractSparseMotion(io.ComfyNode):
                                  "output of Image Condition")
             if images is None:
                 raise ValueError("Extract Sparse Motion: image_condition needs the reference IMAGE frames")
-            control = condition_on_reference(control, images)
+            links = chain_links(control)
+            if any(isinstance(link, LatentAnchorControl) for link in links):
+                logging.warning("Extract Sparse Motion: image_condition comes from Image Condition in latent_anchor "
+                                "mode, which only pins frames while sampling; extraction ignores it (only "
+                                "SparseCtrl runs on the reference's own frames). Connect it to the sampler only.")
+            if all(isinstance(link, LatentAnchorControl) for link in links):
+                control = None
+            else:
+                control = condition_on_reference(control, images)
         motion = extract_sparse_motion(model, latents, positive[0][0], chosen, timestep=timestep, seed=seed,
                                        top_k=top_k, control=control)
         return io.NodeOutput(motion)

@@ -458,7 +458,9 @@ def test_guided_sampling_with_a_core_controlnet_loaded_in_inference_mode(video_m
     assert torch.isfinite(out["samples"]).all()
 
 
-def test_extraction_runs_sparsectrl_on_the_reference_frames(controlnet_folder, video_model, base):
+def test_extraction_runs_sparsectrl_on_the_reference_frames(controlnet_folder, video_model, base, caplog):
+    import logging
+
     from motionclone.motion_core.sparsectrl import condition_on_reference
     from motionclone.nodes.motion_nodes import ExtractSparseMotion
 
@@ -483,6 +485,13 @@ def test_extraction_runs_sparsectrl_on_the_reference_frames(controlnet_folder, v
     assert not same(conditioned, plain) and not same(conditioned, on_generation_image)
     with pytest.raises(ValueError, match="image_condition carries no control"):
         ExtractSparseMotion.execute(video_model, **args, image_condition=pos)
+    # latent_anchor acts only while sampling: extraction says it ignores it, and gives the plain MOTION.
+    anchor_pos, _ = ImageCondition.execute(pos, neg, "none", _image(7), "0", 1.0, 0.0, 1.0, "latent_anchor",
+                                           vae).result
+    with caplog.at_level(logging.WARNING):
+        anchored = ExtractSparseMotion.execute(video_model, **args, image_condition=anchor_pos).result[0]
+    assert same(anchored, plain)
+    assert any("latent_anchor" in r.getMessage() and "ignores it" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="needs the reference IMAGE frames"):
         ExtractSparseMotion.execute(video_model, timestep=400, seed=0, top_k=1, layers="up_blocks.1",
                                     latent={"samples": latents}, positive=pos, image_condition=cond_pos)
