@@ -30,17 +30,20 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .attention_capture import CaptureState
+from .attention_capture import CaptureState, StopForward
 from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .errors import MotionCloneError
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
 from .inference_tensors import normal_tensors_for_grad
 from .injection import CAPTURE_KEY, INFO_KEY
 from .loss_plot import format_curve
+from .memory_estimate import MARGIN as MEMORY_MARGIN
+from .memory_estimate import LinearBytes, calibration_sizes, gib, saved_bytes
 from .sparse_motion import SparseMotion
 
 WRAPPER_KEY = "motionclone_guidance"
@@ -65,6 +68,38 @@ def select_layers(available: list[str], selection: str) -> list[str]:
 
 class GuidanceError(MotionCloneError):
     """A guided step went numerically wrong; the message says where and what to lower."""
+
+
+class GuidanceMemoryError(MotionCloneError):
+    """A guided step would not fit in the free memory; the message says how much and what to lower."""
+
+
+def _crossattn_of(cond: list[dict], model, x_in: torch.Tensor) -> torch.Tensor:
+    """The first conditional entry's text context, one per frame (zeros of the UNet's width if none)."""
+    try:
+        context = cond[0]["model_conds"]["c_crossattn"].cond
+    except (KeyError, IndexError, AttributeError, TypeError):
+        dim = model.model_config.unet_config.get("context_dim") or 768
+        context = torch.zeros(1, 77, dim)
+    context = context.to(device=x_in.device, dtype=x_in.dtype)
+    return context[:1].expand(x_in.shape[0], -1, -1)
+
+
+def lean_attention_while_grad(existing: Callable | None) -> Callable:
+    """A ComfyUI attention override for the graph-recording forward: while grad is on, the UNet's spatial
+    attention runs as torch's scaled_dot_product_attention, whose backward keeps O(tokens) per layer;
+    once grad is off (after the loss), and in every other forward, the host's choice (or `existing`).
+
+    ComfyUI's CPU default (sub-quadratic attention) and split attention materialise score chunks that a
+    backward must keep: a guided 512x512x16 step then needs more than 22 GB, against 2.5 GB with SDPA."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    def override(func, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return attention_pytorch(*args, **kwargs)
+        return existing(func, *args, **kwargs) if existing is not None else func(*args, **kwargs)
+
+    return override
 
 
 def _require_finite(t: torch.Tensor, what: str, loss: torch.Tensor | None, scale: float) -> None:
@@ -92,6 +127,7 @@ class MotionGuidance:
         self.motion = motion
         self.settings = settings
         self._grads: dict[float, torch.Tensor] = {}  # sigma -> dL/dz_t awaiting the post-CFG step
+        self.memory_estimates: dict[tuple, float] = {}  # (latent shape, device) -> bytes a guided step holds
         self.losses: list[tuple[int, float]] = []  # (step, unweighted motion loss), for tests/benchmarks
 
     # --- schedule -----------------------------------------------------------------
@@ -124,6 +160,7 @@ class MotionGuidance:
         step, guided, _ = info
         if self.settings.weight == 0:
             return self._measure(executor, model, conds, x_in, timestep, model_options, step)
+        self._check_memory(model, conds[0], x_in, timestep, model_options)
         uncond_out = None
         if len(conds) > 1 and conds[1] is not None:
             with torch.no_grad():
@@ -148,12 +185,63 @@ class MotionGuidance:
 
             state = CaptureState(self.motion.layers, on_layer=on_layer)
             options = dict(model_options)
-            options["transformer_options"] = {**model_options.get("transformer_options", {}), CAPTURE_KEY: state}
+            transformer_options = model_options.get("transformer_options", {})
+            options["transformer_options"] = {
+                **transformer_options, CAPTURE_KEY: state,
+                "optimized_attention_override": lean_attention_while_grad(
+                    transformer_options.get("optimized_attention_override")),
+            }
             cond_out = executor(model, [controls_without_grad(conds[0]), None], x, timestep, options)[0].detach()
         if "grad" not in holder:
             raise RuntimeError(f"MOTION layers {self.motion.layers} were not all seen in the model's forward")
         self._grads[sigma] = holder["grad"].detach()
         return [cond_out, uncond_out if uncond_out is not None else torch.zeros_like(cond_out)]
+
+    def _check_memory(self, model, cond: list[dict], x_in: torch.Tensor, timestep: torch.Tensor,
+                      model_options: dict) -> None:
+        """Before the first guided step of a size: refuse, with what to lower, a step that would not fit
+        (memory_estimate.py: the graph's bytes measured on two small crops, extrapolated)."""
+        import comfy.model_management
+
+        key = (tuple(x_in.shape), str(x_in.device))
+        if key in self.memory_estimates:
+            return
+        self.memory_estimates[key] = 0.0
+        height, width = x_in.shape[-2:]
+        sizes = calibration_sizes(height, width)
+        if sizes is None:
+            return
+        unet = model.diffusion_model
+        normal_tensors_for_grad(unet, x_in.device)
+        weights = [*unet.parameters(), *unet.buffers()]
+        context = _crossattn_of(cond, model, x_in)
+        options = {**model_options.get("transformer_options", {}), "cond_or_uncond": [0]}
+        points = []
+        for h, w in sizes:
+            def forward(h=h, w=w) -> None:
+                state = CaptureState(self.motion.layers, stop_after_last=True)
+                opts = {**options, CAPTURE_KEY: state,
+                        "optimized_attention_override": lean_attention_while_grad(
+                            options.get("optimized_attention_override"))}
+                with torch.inference_mode(False), torch.enable_grad():
+                    crop = x_in[..., :h, :w].detach().clone().requires_grad_(True)
+                    try:
+                        model.apply_model(crop, timestep, c_crossattn=context, transformer_options=opts)
+                    except StopForward:
+                        pass
+
+            points.append((h * w, saved_bytes(forward, exclude=weights)))
+        need = self.memory_estimates[key] = LinearBytes.through(*points).at(height, width) * MEMORY_MARGIN
+        free = comfy.model_management.get_free_memory(x_in.device)
+        logging.info("MotionClone: a guided step of %d frames at %dx%d latent holds about %s (free: %s)",
+                     x_in.shape[0], height, width, gib(need), gib(free))
+        if need > free:
+            raise GuidanceMemoryError(
+                f"MotionClone: a guided step of {x_in.shape[0]} frames at {width * 8}x{height * 8} px would hold "
+                f"about {gib(need)} for its gradient (the graph up to {self.motion.layers[-1].split('.motion')[0]}), "
+                f"but {gib(free)} are free on {x_in.device}. Lower the width/height or the frame count, guide an "
+                "earlier layer set (fewer blocks in the graph), or free memory (other models, other programs)."
+            )
 
     def _measure(self, executor, model, conds, x_in, timestep, model_options, step: int):
         """Weight 0: the step runs exactly as without guidance; the motion loss is only measured."""
@@ -208,6 +296,7 @@ class MotionGuidance:
     def _run(self, executor, *args, **kwargs):
         self._grads.clear()
         self.losses.clear()
+        self.memory_estimates.clear()
         out = executor(*args, **kwargs)
         kind = "guided" if self.settings.weight else "measured on the unguided run"
         logging.info("MotionClone: motion loss per guided step (%s, weight %g), step:loss %s", kind,

@@ -8,6 +8,7 @@ SamplerCustomAdvanced and the uneven SIGMAS, Save Motion, weight 0 == KSampler, 
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -156,3 +157,39 @@ def test_non_finite_numbers_are_refused_at_the_prompt(server):
     with pytest.raises(PromptValidationError) as err:
         server.queue(graph)
     assert "smaller than min" in str(err.value.details)
+
+
+@pytest.mark.server
+def test_a_guided_step_that_would_not_fit_is_refused_with_what_to_lower(server):
+    """16 frames at 2048x2048: the estimate (two small crops, extrapolated) says it cannot fit, and the run
+    stops at once with a message, instead of growing until the server is killed."""
+    import torch
+
+    from motionclone.motion_core.sparse_motion import SparseMotion
+
+    frames, latent = 16, 256
+    layers = [f"up_blocks.1.motion_modules.{m}.transformer_blocks.0.attn{a}" for m in range(3) for a in (1, 2)]
+    gen = torch.Generator().manual_seed(0)
+    shape = ((latent // 4) ** 2, 8, frames, 1)
+    motion = SparseMotion(values={n: torch.rand(shape, generator=gen).half() for n in layers},
+                          indices={n: torch.randint(0, frames, shape, generator=gen).to(torch.uint8) for n in layers},
+                          frames=frames, latent_height=latent, latent_width=latent, layers=layers, timestep=400,
+                          top_k=1)
+    motion.save(server.input_dir / "big.motion.safetensors")
+    graph = {k: v for k, v in _graph().items() if k in {"1", "2", "7", "8"}}
+    graph |= {
+        "30": {"class_type": "LoadMotion", "inputs": {"motion_file": "big.motion.safetensors"}},
+        "31": {"class_type": "EmptyLatentImage", "inputs": {"width": latent * 8, "height": latent * 8,
+                                                            "batch_size": frames}},
+        "32": {"class_type": "MotionGuidedSampler", "inputs": {
+            "model": ["2", 0], "seed": 1, "steps": 2, "cfg": 8.5, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+            "positive": ["7", 0], "negative": ["8", 0], "latent_image": ["31", 0], "denoise": 1.0, "motion": ["30", 0],
+            "guidance_weight": 2000.0, "guided_steps": 1, "noisy_fraction": 0.4, "warmup": 0, "cooldown": 0}},
+        "33": {"class_type": "SaveLatent", "inputs": {"samples": ["32", 0], "filename_prefix": "big"}},
+    }
+    result = server.wait(server.queue(graph), timeout=300)
+    assert result.status == "error", result.status
+    message = result.error_message()
+    assert result.error["exception_type"] == "MotionClone.GuidanceMemoryError", message
+    assert re.search(r"a guided step of 16 frames at 2048x2048 px would hold about [\d.]+ GB .* but [\d.]+ GB are "
+                     r"free on cpu\. Lower the width/height or the frame count", message), message

@@ -1,0 +1,138 @@
+"""Memory of a guided step: lean attention in the graph-recording forward whatever the host's attention,
+an estimate of what the step will hold (measured on two crops, extrapolated), and a clear refusal
+when it would not fit, before any large allocation. ComfyUI's CPU default is sub-quadratic attention,
+whose score chunks a backward keeps: the default 512x512x16 graph needed more than 22 GB with it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from motionclone.motion_core.attention_capture import CaptureState, StopForward
+from motionclone.motion_core.extraction import extract_sparse_motion
+from motionclone.motion_core.guided_sampling import (
+    GuidanceMemoryError,
+    GuidanceSettings,
+    MotionGuidance,
+    attention_layers_of,
+    lean_attention_while_grad,
+    select_layers,
+)
+from motionclone.motion_core.injection import CAPTURE_KEY, apply_motion_modules, install_processors
+from motionclone.motion_core.memory_estimate import MARGIN, LinearBytes, saved_bytes
+from motionclone.motion_core.motion_module import load_motion_adapter
+from motionclone.motion_core.tiny_models import build_tiny_sd15_model, write_tiny_motion_module
+
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = write_tiny_motion_module(tmp_path_factory.mktemp("mm") / "mm.safetensors", seed=2, std=0.2)
+    adapter, info = load_motion_adapter(path)
+    return apply_motion_modules(build_tiny_sd15_model(seed=0), adapter, info, install_processors(adapter))
+
+
+def _motion(model, size: int):
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    return extract_sparse_motion(model, torch.randn(FRAMES, 4, size, size), torch.zeros(1, 7, 32), layers)
+
+
+def _sample(model, motion, size: int, weight: float = 2000.0):
+    import comfy.sample
+
+    latent = torch.zeros(FRAMES, 4, size, size)
+    guidance = MotionGuidance(motion, GuidanceSettings(weight, guided_steps=1, warmup=0, cooldown=0))
+    with torch.inference_mode():
+        comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, 0), 2, 8.5, "ddim",
+                            "ddim_uniform", [[torch.randn(1, 7, 32), {}]], [[torch.zeros(1, 7, 32), {}]], latent,
+                            seed=0, disable_pbar=True)
+    return guidance
+
+
+def _graph_bytes(model, motion, size: int, lean: bool) -> int:
+    """What the graph-recording forward saves at `size` (stopped after the last guided layer)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+
+    def forward():
+        options = {**model.model_options["transformer_options"], "cond_or_uncond": [0],
+                   CAPTURE_KEY: CaptureState(motion.layers, stop_after_last=True)}
+        if lean:
+            options["optimized_attention_override"] = lean_attention_while_grad(None)
+        with torch.enable_grad():
+            x = torch.randn(FRAMES, 4, size, size, requires_grad=True)
+            try:
+                model.model.apply_model(x, torch.full((FRAMES,), 5.0), c_crossattn=torch.zeros(FRAMES, 7, 32),
+                                        transformer_options=options)
+            except StopForward:
+                pass
+
+    return saved_bytes(forward, exclude=[*unet.parameters(), *unet.buffers()])
+
+
+def test_the_graph_recording_forward_uses_lean_attention_whatever_the_host_default(model, monkeypatch):
+    import comfy.ldm.modules.attention as attention
+
+    assert attention.optimized_attention.__name__ != "attention_pytorch"  # the CPU default: sub-quadratic
+    calls = {"grad": 0, "lean_grad": 0, "no_grad": 0}
+    default, lean = attention.optimized_attention, attention.attention_pytorch
+
+    def spy_default(*args, **kwargs):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return default(*args, **kwargs)
+
+    def spy_lean(*args, **kwargs):
+        calls["lean_grad"] += torch.is_grad_enabled()
+        return lean(*args, **kwargs)
+
+    motion = _motion(model, 16)
+    monkeypatch.setattr(attention, "optimized_attention", spy_default)
+    monkeypatch.setattr(attention, "attention_pytorch", spy_lean)
+    _sample(model, motion, 16)
+    assert calls["grad"] > 0 and calls["lean_grad"] == calls["grad"], calls  # every graph-recording call is lean
+    assert calls["no_grad"] > 0  # the other forwards keep the host's choice
+
+
+def test_the_lean_graph_grows_with_the_area_and_the_default_one_faster(model):
+    motion = _motion(model, 16)
+    lean = {s: _graph_bytes(model, motion, s, lean=True) for s in (16, 32)}
+    default = {s: _graph_bytes(model, motion, s, lean=False) for s in (16, 32)}
+    print(f"graph of {FRAMES} frames, 16 -> 32 latent: lean {lean[16] / 2**20:.0f} -> {lean[32] / 2**20:.0f} MB, "
+          f"host default {default[16] / 2**20:.0f} -> {default[32] / 2**20:.0f} MB")
+    assert lean[32] / lean[16] < 4.2  # four times the area: linear
+    assert default[32] / default[16] > 6  # the score chunks grow with the square of the area
+    assert lean[32] < default[32] / 3
+
+
+def test_the_estimate_is_what_the_step_saves(model, caplog):
+    motion = _motion(model, 40)
+    with caplog.at_level(logging.INFO):
+        guidance = _sample(model, motion, 40)
+    assert any("a guided step of 8 frames at 40x40 latent holds about" in r.getMessage() for r in caplog.records)
+    (estimate,) = guidance.memory_estimates.values()
+    measured = _graph_bytes(model, motion, 40, lean=True)
+    print(f"estimate {estimate / 2**30:.3f} GB = {MARGIN} x the graph; measured graph {measured / 2**30:.3f} GB")
+    assert estimate / MARGIN == pytest.approx(measured, rel=0.01)  # two crops, a line, the real size
+    assert LinearBytes.through((64, 100), (256, 292)).at(32, 32) == 100 + (1024 - 64)
+
+
+def test_a_step_that_would_not_fit_is_refused_before_it_allocates(model, monkeypatch):
+    import comfy.model_management
+
+    motion = _motion(model, 24)
+    forwards = []
+    handle = model.model.diffusion_model.out.register_forward_hook(lambda *a: forwards.append(1))  # full forwards
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 64 * 2**20)
+    try:
+        with pytest.raises(GuidanceMemoryError, match=r"a guided step of 8 frames at 192x192 px would hold about "
+                                                      r"[\d.]+ GB .* but 0.06 GB are free on cpu\. Lower the "
+                                                      r"width/height or the frame count"):
+            _sample(model, motion, 24)
+    finally:
+        handle.remove()
+    assert forwards == []  # refused before the step's first full forward
