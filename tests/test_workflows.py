@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,13 @@ def test_saved_motion_drives_the_load_motion_workflow(server):
     loaded = _run(server, "motionclone_load_motion", motion_file=motion.name)
     _check_outputs(server, "motionclone_load_motion", loaded)
     _guided_progress("motionclone_load_motion", loaded)
+
+
+def test_readme_names_the_input_files_each_workflow_reads():
+    from workflow_files import workflow_files
+
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \|[^|]*\|([^|]*)\|$",
+                                                          (ROOT / "README.md").read_text(), flags=re.M)}
+    for name in NAMES:
+        inputs = {f for folder, f in workflow_files([_api_of(name)]) if folder == "input"}
+        assert inputs and {f"`{f}`" for f in inputs} <= set(re.findall(r"`[^`]+`", rows.get(name, ""))), name
