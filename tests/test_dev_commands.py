@@ -123,6 +123,25 @@ def test_demo_from_the_checkout_folder_saves_each_run_in_its_own_folder(tmp_path
     assert not [p for p in (base / "output").rglob("*.png") if "runs" not in p.parts]  # nothing outside them
 
 
+@pytest.mark.server
+def test_the_demo_shows_what_the_guidance_does(tmp_path):
+    """The default demo: both runs' motion loss per guided step printed and drawn, the guided one lower
+    at the end (the guidance aligns the attention), next to the fidelity figures."""
+    proc = subprocess.run([sys.executable, DEV_PY, "demo", "--base-dir", tmp_path / "demo"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=RUN_BOUND_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    curves = {label: [float(v) for v in re.findall(r"\d+:([\d.e+-]+)", rest)]
+              for label, rest in re.findall(r"^  (guided, weight \S+|unguided \(weight 0\))\s+(.*)$", out, flags=re.M)}
+    assert set(curves) == {"guided, weight 1000", "unguided (weight 0)"}, out
+    assert len(curves["guided, weight 1000"]) == len(curves["unguided (weight 0)"]) == 12
+    assert curves["guided, weight 1000"][-1] < curves["unguided (weight 0)"][-1]
+    (chart,) = re.findall(r"motion loss chart: (\S+)", out)
+    (folder,) = re.findall(r"this run's files are in (\S+)", out)
+    assert Path(chart) == Path(folder) / "motion_loss.png" and Path(chart).stat().st_size > 0
+    assert (Path(folder) / "side_by_side.gif").exists() and "LK-track motion fidelity" in out
+
+
 def _wait_for_url(proc: subprocess.Popen, lines: list[str]) -> str:
     deadline = time.monotonic() + RUN_BOUND_S
     while time.monotonic() < deadline:
