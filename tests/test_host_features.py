@@ -26,3 +26,16 @@ def test_keywords_follow_what_the_host_accepts():
     video = {i.id: i for i in LoadReferenceVideo.define_schema().inputs}
     assert getattr(video["skip_first_frames"], "advanced", None) is (True if host_has_advanced else None)
     assert getattr(video["evenly_spaced_frames"], "advanced", None) is None
+
+
+def test_every_node_schema_passes_the_host_validation():
+    import asyncio
+
+    from motionclone.nodes import comfy_entrypoint
+
+    nodes = asyncio.run(asyncio.run(comfy_entrypoint()).get_node_list())
+    assert len(nodes) == 10
+    for node in nodes:
+        schema = node.define_schema()
+        schema.finalize()
+        schema.validate()  # the host's own checks (unique ids, each input's and output's validate())
