@@ -104,7 +104,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path) -> str:
 
 def write_tiny_motion_module(
     path, *, seed: int = 0, block_out_channels: tuple[int, ...] = TINY_MOTION_CHANNELS,
-    max_frames: int = 32, mid_block: bool = True, std: float = 0.05,
+    max_frames: int = 32, mid_block: bool = True, std: float = 0.05, dtype: torch.dtype | None = None,
 ):
     """Write a random motion module in the *original AnimateDiff* key format (safetensors
     or, for a `.ckpt`/`.pt` path, a torch pickle of plain tensors).
@@ -125,14 +125,14 @@ def write_tiny_motion_module(
             use_motion_mid_block=mid_block,
         )
         init_weights_(adapter, seed, std=std)  # parameters only: the sinusoid tables stay
-        sd = {k: v.detach().clone().contiguous() for k, v in adapter.state_dict().items()}
+        sd = {k: v.detach().to(dtype or v.dtype, copy=True).contiguous() for k, v in adapter.state_dict().items()}
     return _save_tensors(from_diffusers_state_dict(sd), path)
 
 
 def write_tiny_sparsectrl(
     path, *, variant: str, seed: int = 0, block_out_channels: tuple[int, ...] = TINY_MOTION_CHANNELS,
     cross_attention_dim: int = 32, max_frames: int = 32, embedding_channels: tuple[int, ...] = (8, 16, 16, 32),
-    std: float = 0.05,
+    std: float = 0.05, dtype: torch.dtype | None = None,
 ):
     """Write a random AnimateDiff v3 SparseCtrl ("rgb" or "scribble") in the *original* key format.
 
@@ -162,5 +162,5 @@ def write_tiny_sparsectrl(
             motion_max_seq_length=max_frames,
         )
         init_weights_(net, seed, std=std)  # parameters only: the sinusoid tables stay
-        sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+        sd = {k: v.detach().to(dtype or v.dtype, copy=True).contiguous() for k, v in net.state_dict().items()}
     return _save_tensors(from_diffusers_state_dict(sd), path)
