@@ -36,15 +36,17 @@ from dataclasses import dataclass
 import torch
 
 from .attention_capture import CaptureState, StopForward
+from .checkpointing import checkpointed_blocks
 from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .errors import MotionCloneError
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
 from .inference_tensors import normal_tensors_for_grad
-from .injection import CAPTURE_KEY, INFO_KEY
+from .injection import CAPTURE_KEY, INFO_KEY, MotionModuleLayer
 from .loss_plot import format_curve
 from .memory_estimate import MARGIN as MEMORY_MARGIN
-from .memory_estimate import LinearBytes, calibration_sizes, gib, saved_bytes
+from .memory_estimate import LinearBytes, calibration_sizes, gib, peak_bytes
 from .sparse_motion import SparseMotion
+from .unet_layout import motion_slots
 
 WRAPPER_KEY = "motionclone_guidance"
 
@@ -120,6 +122,7 @@ class GuidanceSettings:
     noisy_fraction: float = 0.4  # r
     warmup: int = 10
     cooldown: int = 10
+    checkpointing: bool = True  # recompute the graph's layers in backward instead of keeping them (exact)
 
 
 class MotionGuidance:
@@ -200,7 +203,7 @@ class MotionGuidance:
     def _check_memory(self, model, cond: list[dict], x_in: torch.Tensor, timestep: torch.Tensor,
                       model_options: dict) -> None:
         """Before the first guided step of a size: refuse, with what to lower, a step that would not fit
-        (memory_estimate.py: the graph's bytes measured on two small crops, extrapolated)."""
+        (memory_estimate.py: the peak of its forward and backward measured on two small crops, extrapolated)."""
         import comfy.model_management
 
         key = (tuple(x_in.shape), str(x_in.device))
@@ -211,37 +214,47 @@ class MotionGuidance:
         sizes = calibration_sizes(height, width)
         if sizes is None:
             return
-        unet = model.diffusion_model
-        normal_tensors_for_grad(unet, x_in.device)
-        weights = [*unet.parameters(), *unet.buffers()]
+        normal_tensors_for_grad(model.diffusion_model, x_in.device)
         context = _crossattn_of(cond, model, x_in)
         options = {**model_options.get("transformer_options", {}), "cond_or_uncond": [0]}
-        points = []
-        for h, w in sizes:
-            def forward(h=h, w=w) -> None:
-                state = CaptureState(self.motion.layers, stop_after_last=True)
-                opts = {**options, CAPTURE_KEY: state,
-                        "optimized_attention_override": lean_attention_while_grad(
-                            options.get("optimized_attention_override"))}
-                with torch.inference_mode(False), torch.enable_grad():
-                    crop = x_in[..., :h, :w].detach().clone().requires_grad_(True)
-                    try:
-                        model.apply_model(crop, timestep, c_crossattn=context, transformer_options=opts)
-                    except StopForward:
-                        pass
-
-            points.append((h * w, saved_bytes(forward, exclude=weights)))
+        points = [(h * w, self.graph_peak(model, context, x_in[..., :h, :w], timestep, options)) for h, w in sizes]
         need = self.memory_estimates[key] = LinearBytes.through(*points).at(height, width) * MEMORY_MARGIN
         free = comfy.model_management.get_free_memory(x_in.device)
-        logging.info("MotionClone: a guided step of %d frames at %dx%d latent holds about %s (free: %s)",
+        logging.info("MotionClone: a guided step of %d frames at %dx%d latent needs about %s (free: %s)",
                      x_in.shape[0], height, width, gib(need), gib(free))
         if need > free:
             raise GuidanceMemoryError(
-                f"MotionClone: a guided step of {x_in.shape[0]} frames at {width * 8}x{height * 8} px would hold "
+                f"MotionClone: a guided step of {x_in.shape[0]} frames at {width * 8}x{height * 8} px would need "
                 f"about {gib(need)} for its gradient (the graph up to {self.motion.layers[-1].split('.motion')[0]}), "
                 f"but {gib(free)} are free on {x_in.device}. Lower the width/height or the frame count, guide an "
                 "earlier layer set (fewer blocks in the graph), or free memory (other models, other programs)."
             )
+
+    def graph_peak(self, model, context: torch.Tensor, x: torch.Tensor, timestep: torch.Tensor,
+                   transformer_options: dict) -> int:
+        """Peak memory of a guided step's gradient on `x`: the graph-recording forward up to the last guided
+        layer and its backward, with a stand-in loss on the same attention maps (memory_estimate.peak_bytes)."""
+
+        def forward_and_backward() -> None:
+            with torch.inference_mode(False), torch.enable_grad():
+                leaf = x.detach().clone().requires_grad_(True)
+                text = context.clone()  # made in ComfyUI's inference_mode: a normal copy autograd may keep
+
+                def on_layer(name: str, probs: torch.Tensor) -> None:
+                    if state.complete:
+                        torch.autograd.grad(sum(p.square().sum() for p in state.probs.values()), leaf)
+                        state.probs.clear()
+                        raise StopForward  # the rest of the UNet runs without grad in a guided step
+
+                state = CaptureState(self.motion.layers, on_layer=on_layer)
+                options = {**transformer_options, CAPTURE_KEY: state, "optimized_attention_override":
+                           lean_attention_while_grad(transformer_options.get("optimized_attention_override"))}
+                try:
+                    model.apply_model(leaf, timestep, c_crossattn=text, transformer_options=options)
+                except StopForward:
+                    pass
+
+        return peak_bytes(forward_and_backward, x.device)
 
     def _measure(self, executor, model, conds, x_in, timestep, model_options, step: int):
         """Weight 0: the step runs exactly as without guidance; the motion loss is only measured."""
@@ -313,4 +326,28 @@ class MotionGuidance:
         patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
         patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, self._apply_model)
         patched.set_model_sampler_post_cfg_function(self._post_cfg)
+        if self.settings.checkpointing and self.settings.weight != 0:
+            for path, block in self._checkpointed_blocks(patched).items():
+                patched.add_object_patch(f"diffusion_model.{path}", block)
         return patched
+
+    def _checkpointed_blocks(self, model) -> dict:
+        """The UNet blocks from the first to the one holding the last guided layer, with their layers
+        checkpointed (checkpointing.py); the guided motion modules stay as they are."""
+        from comfy.ldm.modules.attention import SpatialTransformer
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        unet = model.get_model_object("diffusion_model")
+        slots = {slot.diffusers_name: slot.block_path for slot in motion_slots(unet)}
+        guided_modules = {name.split(".transformer_blocks.")[0] for name in self.motion.layers}
+        order = [f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + ["middle_block"]
+        order += [f"output_blocks.{i}" for i in range(len(unet.output_blocks))]
+        last = max(order.index(slots[name]) for name in guided_modules if name in slots)
+
+        def keep(layer) -> bool:
+            if isinstance(layer, MotionModuleLayer):
+                return layer.name in guided_modules
+            return not isinstance(layer, ResBlock | SpatialTransformer)
+
+        return checkpointed_blocks(lambda path: model.get_model_object(f"diffusion_model.{path}"),
+                                   order[: last + 1], keep)

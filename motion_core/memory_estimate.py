@@ -1,12 +1,14 @@
-"""How much memory a guided step will hold, measured on the model itself before the step runs.
+"""How much memory a guided step will take, measured on the model itself before the step runs.
 
-A guided step records an autograd graph from the latent up to the last guided layer; what the graph
-saves for backward is the step's extra memory over a plain one. With the lean attention of the
-graph-recording forward (guided_sampling.lean_attention_while_grad) everything it saves grows
-linearly in the latent's area for a given frame count, model and layer set. So the graph-recording
-forward runs twice on small crops of the real latent (8x8 and 16x16 latent pixels, stopped after the
-last guided layer), the bytes autograd saves are counted (`saved_bytes`: each storage once,
-weights excluded), and a line through the two points gives the estimate at the real size.
+A guided step records an autograd graph from the latent up to the last guided layer and runs its
+backward; that is its extra memory over a plain step. With the lean attention and the activation
+checkpointing of the graph-recording forward (guided_sampling, checkpointing.py) it grows linearly in
+the latent's area for a given model, frame count and layer set. So the same forward and backward run
+twice on small crops of the real latent (8x8 and 16x16 latent pixels; a stand-in loss on the same
+attention maps), their peak allocation is measured (`peak_bytes`: CUDA's peak counter, or on a CPU
+the allocation timeline of torch's profiler), and a line through the two points gives the estimate
+at the real size. `saved_bytes` counts what autograd keeps for backward (for the benchmark's
+breakdown and the tests).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 CALIBRATION_SIDES = (8, 16)  # latent pixels; multiples of 8 survive SD1.5's three downsamplings
-MARGIN = 1.25  # backward's transient gradients and allocator slack on top of the saved graph
+MARGIN = 1.2  # allocator slack and fragmentation on top of the measured peak
 
 
 def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
@@ -64,3 +66,26 @@ def calibration_sizes(height: int, width: int) -> list[tuple[int, int]] | None:
 
 def gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GB"
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak of the memory `run()` allocates on `device` above what was allocated before it.
+
+    CUDA: the caching allocator's own peak counter. CPU: the allocation timeline that torch's profiler
+    records (each op's own allocations and every free, in order)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak

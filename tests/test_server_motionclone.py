@@ -161,13 +161,13 @@ def test_non_finite_numbers_are_refused_at_the_prompt(server):
 
 @pytest.mark.server
 def test_a_guided_step_that_would_not_fit_is_refused_with_what_to_lower(server):
-    """16 frames at 2048x2048: the estimate (two small crops, extrapolated) says it cannot fit, and the run
+    """16 frames at 8192x8192: the estimate (two small crops, extrapolated) says it cannot fit, and the run
     stops at once with a message, instead of growing until the server is killed."""
     import torch
 
     from motionclone.motion_core.sparse_motion import SparseMotion
 
-    frames, latent = 16, 256
+    frames, latent = 16, 1024
     layers = [f"up_blocks.1.motion_modules.{m}.transformer_blocks.0.attn{a}" for m in range(3) for a in (1, 2)]
     gen = torch.Generator().manual_seed(0)
     shape = ((latent // 4) ** 2, 8, frames, 1)
@@ -191,5 +191,5 @@ def test_a_guided_step_that_would_not_fit_is_refused_with_what_to_lower(server):
     assert result.status == "error", result.status
     message = result.error_message()
     assert result.error["exception_type"] == "MotionClone.GuidanceMemoryError", message
-    assert re.search(r"a guided step of 16 frames at 2048x2048 px would hold about [\d.]+ GB .* but [\d.]+ GB are "
+    assert re.search(r"a guided step of 16 frames at 8192x8192 px would need about [\d.]+ GB .* but [\d.]+ GB are "
                      r"free on cpu\. Lower the width/height or the frame count", message), message
