@@ -237,10 +237,62 @@ def bench_ceiling(args: argparse.Namespace) -> None:
         (r.matched, r.unguided, r.matched_recall, r.unguided_recall) for r in rows]))
 
 
+def _subprocess_json(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_realscale(args: argparse.Namespace) -> None:
+    gb = 1024**3
+    print(f"realscale: full-size SD1.5 UNet + AnimateDiff v3 motion module (random weights, original key format), "
+          f"{args.frames} frames, float32 on this CPU, {args.threads} thread(s), SDPA attention for every forward; "
+          "one step at t=999 (cfg 8.5, euler), guided layers up_blocks.1, weight 2000", flush=True)
+    summary = []
+    for size in args.sizes:
+        rows = {mode: _subprocess_json("_realscale_worker", mode, str(size), str(args.frames), str(args.threads))
+                for mode in args.modes}
+        plain = rows["plain"]
+        print(f"{size} px: extraction (one partial forward) {plain['extract_s']:.1f} s", flush=True)
+        for mode, row in rows.items():
+            extra = ""
+            if "estimate_bytes" in row:
+                share = row["estimate_bytes"] / max(row["peak_bytes"], 1)
+                extra = (f"; estimate before the step {row['estimate_bytes'] / gb:.2f} GB (measured on two crops in "
+                         f"{row['estimate_s']:.1f} s; {share:.2f}x the peak)")
+            time_ratio, memory_ratio = row["step_s"] / plain["step_s"], row["peak_bytes"] / plain["peak_bytes"]
+            print(f"  {mode:12s} step {row['step_s']:8.1f} s ({time_ratio:.2f}x plain), peak above the loaded model "
+                  f"{row['peak_bytes'] / gb:6.2f} GB ({memory_ratio:.2f}x plain; float16: about "
+                  f"{row['peak_bytes'] / 2 / gb:.2f} GB){extra}", flush=True)
+        if "guided" in rows:
+            g = rows["guided"]
+            summary.append(f"realscale {size}: time ratio {g['step_s'] / plain['step_s']:.2f}, memory ratio "
+                           f"{g['peak_bytes'] / plain['peak_bytes']:.2f}")
+    if args.breakdown:
+        b = _subprocess_json("_realscale_breakdown", str(args.breakdown), str(args.frames), str(args.threads))
+        print(f"what the graph-recording forward keeps without checkpointing at {b['size']} px "
+              f"({b['total'] / gb:.2f} GB; it grows with the area):")
+        for kind, n in sorted(b["by_kind"].items(), key=lambda kv: -kv[1]):
+            print(f"  {n / gb:6.2f} GB  {100 * n / b['total']:4.1f} %  {kind}")
+    for line in summary:
+        print(line)
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "_guidance_worker":
         mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
         print(json.dumps(_guidance_worker(mode, frames, size, steps, threads)))
+        return
+    if argv and argv[0] in ("_realscale_worker", "_realscale_breakdown"):
+        _bootstrap()
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import realscale_bench
+
+        if argv[0] == "_realscale_worker":
+            print(json.dumps(realscale_bench.worker(argv[1], *map(int, argv[2:5]))))
+        else:
+            print(json.dumps(realscale_bench.breakdown(*map(int, argv[1:4]))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -268,6 +320,13 @@ def main(argv: list[str]) -> None:
     a.add_argument("--timestep", type=int, default=400)
     a.add_argument("--layers", default="up_blocks.1")
     a.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("realscale", help="full-size SD1.5 + v3: plain vs guided step time and peak memory")
+    r.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="video side in pixels")
+    r.add_argument("--frames", type=int, default=16)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--modes", nargs="+", default=["plain", "guided", "guided_kept"],
+                   help="plain, guided (checkpointed graph), guided_kept (the whole graph kept, no checkpointing)")
+    r.add_argument("--breakdown", type=int, default=256, help="size of the memory breakdown (0: none)")
     c = sub.add_parser("ceiling", help="demo model: fidelity when its attention matches the MOTION almost exactly")
     c.add_argument("--clips", type=int, default=5)
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -280,7 +339,7 @@ def main(argv: list[str]) -> None:
                           help="folder with the two demo model files (default: demo_model/), e.g. a training output")
     args = parser.parse_args(argv)
     {"guidance": bench_guidance, "fidelity": bench_fidelity, "attention": bench_attention,
-     "ceiling": bench_ceiling}[args.cmd](args)
+     "ceiling": bench_ceiling, "realscale": bench_realscale}[args.cmd](args)
 
 
 if __name__ == "__main__":

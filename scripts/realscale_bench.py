@@ -1,0 +1,176 @@
+"""Real-scale benchmark pieces (run through `scripts/benchmark.py realscale` and `reuse`).
+
+Each measurement runs in a fresh process (`worker`), so one mode's memory never counts against
+another's: a full-size SD1.5 UNet (ComfyUI's config, random weights) with an AnimateDiff v3 motion
+module in the original key format (motion_core/full_size_models.py), float32 on the CPU. Both plain
+and guided steps use the same attention backend, torch's SDPA (what ComfyUI uses on a GPU; the
+guided step's graph-recording forward uses it whatever the backend). Peak memory is the peak of the
+allocations torch makes during the step above what was allocated before it (memory_estimate.peak_bytes:
+the profiler's allocation timeline on a CPU), not RSS.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+FRAMES = 16
+
+
+def _model(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    import comfy.ldm.modules.attention as attention
+    import comfy.model_management
+
+    # One backend for every forward of every mode (plain steps would otherwise use the CPU default).
+    attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
+    from motionclone.motion_core.full_size_models import build_sd15_model, write_v3_motion_module
+    from motionclone.motion_core.injection import apply_motion_modules, install_processors
+    from motionclone.motion_core.motion_module import load_motion_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter, info = load_motion_adapter(write_v3_motion_module(Path(tmp) / "v3_sd15_mm.safetensors", seed=2))
+    model = apply_motion_modules(build_sd15_model(0), adapter, info, install_processors(adapter))
+    comfy.model_management.load_models_gpu([model])
+    return model
+
+
+def _inputs(size: int, frames: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 77, 768, generator=gen)
+    latents = torch.randn(frames, 4, size // 8, size // 8, generator=gen)
+    return context, latents
+
+
+def worker(mode: str, size: int, frames: int, threads: int) -> dict[str, Any]:
+    """One plain or guided sampling step at `size` px (the first step of a 300-step object-motion schedule)."""
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guided_sampling import (
+        GuidanceSettings,
+        MotionGuidance,
+        attention_layers_of,
+        select_layers,
+    )
+    from motionclone.motion_core.memory_estimate import peak_bytes
+
+    model = _model(threads)
+    context, latents = _inputs(size, frames)
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    t0 = time.perf_counter()
+    motion = extract_sparse_motion(model, latents, context, layers, seed=0)
+    extract_s = time.perf_counter() - t0
+    sampling = model.get_model_object("model_sampling")
+    sigmas = sampling.sigma(torch.tensor([999.0, 996.0]))  # one step, as the uneven schedule's first
+    positive, negative = [[context, {}]], [[torch.zeros(1, 77, 768), {}]]
+    noise = comfy.sample.prepare_noise(latents, 0)
+    out: dict[str, Any] = {"mode": mode, "size": size, "frames": frames, "extract_s": extract_s}
+    patched = model
+    if mode != "plain":
+        guidance = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=1, warmup=0, cooldown=0,
+                                                           checkpointing=mode == "guided"))
+        # The estimate a user's run makes before its first guided step (it profiles on a CPU itself, so it
+        # runs here, outside the step's own profile), then the step without it.
+        estimates = []
+
+        def estimate_only(model_, cond, x_in, timestep, model_options, check=guidance._check_memory):
+            t = time.perf_counter()
+            check(model_, cond, x_in, timestep, model_options)
+            estimates.append((max(guidance.memory_estimates.values()), time.perf_counter() - t))
+            raise _Stop
+
+        guidance._check_memory = estimate_only
+        try:
+            with torch.inference_mode():
+                comfy.sample.sample_custom(guidance.patch(model), noise, 8.5, comfy.samplers.ksampler("euler"),
+                                           sigmas, positive, negative, torch.zeros_like(latents), seed=0,
+                                           disable_pbar=True)
+        except _Stop:
+            pass
+        out["estimate_bytes"], out["estimate_s"] = estimates[0]
+        guidance._check_memory = lambda *args: None
+        patched = guidance.patch(model)
+
+    def step() -> None:
+        with torch.inference_mode():
+            comfy.sample.sample_custom(patched, noise, 8.5, comfy.samplers.ksampler("euler"), sigmas, positive,
+                                       negative, torch.zeros_like(latents), seed=0, disable_pbar=True)
+
+    t0 = time.perf_counter()
+    out["peak_bytes"] = peak_bytes(step, torch.device("cpu"))
+    out["step_s"] = time.perf_counter() - t0
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+def breakdown(size: int, frames: int, threads: int) -> dict[str, Any]:
+    """What the graph-recording forward keeps for backward without checkpointing, by UNet layer kind and
+    resolution: the saved tensors of each module attributed to the outermost UNet layer it runs in."""
+    import torch
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    from motionclone.motion_core.attention_capture import CaptureState, StopForward
+    from motionclone.motion_core.guided_sampling import attention_layers_of, lean_attention_while_grad, select_layers
+    from motionclone.motion_core.injection import CAPTURE_KEY, MotionModuleLayer
+
+    model = _model(threads)
+    context, latents = _inputs(size, frames)
+    unet = model.model.diffusion_model
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    weights = {t.untyped_storage().data_ptr() for t in [*unet.parameters(), *unet.buffers()]}
+    current: list[str] = []
+    by_kind: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()
+    kinds = ((MotionModuleLayer, "motion module"), (SpatialTransformer, "spatial transformer"), (ResBlock, "ResBlock"))
+
+    def pre(module, args):
+        for cls, name in kinds:
+            if isinstance(module, cls) and not any(current):  # the outermost UNet layer names the memory
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                current.append(f"{name} at {x.shape[-1]}x{x.shape[-2]} latent" if x is not None and x.ndim == 4
+                               else name)
+                return
+        current.append("")
+
+    def post(module, args, output):
+        current.pop()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key and key not in weights and key not in seen:
+            seen.add(key)
+            label = next((c for c in current if c), "other (norms, convs between layers, embeddings)")
+            by_kind[label] += t.untyped_storage().nbytes()
+        return t
+
+    handles = [m.register_forward_pre_hook(pre) for m in unet.modules()]
+    handles += [m.register_forward_hook(post) for m in unet.modules()]
+    options = {**model.model_options["transformer_options"], "cond_or_uncond": [0],
+               CAPTURE_KEY: CaptureState(layers, stop_after_last=True),
+               "optimized_attention_override": lean_attention_while_grad(None)}
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = latents.clone().requires_grad_(True)
+            try:
+                model.model.apply_model(x, torch.full((frames,), 14.6), c_crossattn=context.expand(frames, -1, -1),
+                                        transformer_options=options)
+            except StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {"size": size, "frames": frames, "by_kind": dict(by_kind), "total": sum(by_kind.values())}
