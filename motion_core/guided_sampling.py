@@ -123,6 +123,11 @@ class GuidanceSettings:
     warmup: int = 10
     cooldown: int = 10
     checkpointing: bool = True  # recompute the graph's layers in backward instead of keeping them (exact)
+    gradient_every: int = 1  # k: compute the gradient on every k-th guided step, reuse it (rescaled) between
+
+    def __post_init__(self) -> None:
+        if self.gradient_every < 1:
+            raise ValueError(f"gradient_every must be >= 1, got {self.gradient_every}")
 
 
 class MotionGuidance:
@@ -131,6 +136,7 @@ class MotionGuidance:
         self.settings = settings
         self._grads: dict[float, torch.Tensor] = {}  # sigma -> dL/dz_t awaiting the post-CFG step
         self.memory_estimates: dict[tuple, float] = {}  # (latent shape, device) -> bytes a guided step holds
+        self._reused: tuple | None = None  # (latent shape, gradient, its weight x ramp) for gradient reuse
         self.losses: list[tuple[int, float]] = []  # (step, unweighted motion loss), for tests/benchmarks
 
     # --- schedule -----------------------------------------------------------------
@@ -163,12 +169,18 @@ class MotionGuidance:
         step, guided, _ = info
         if self.settings.weight == 0:
             return self._measure(executor, model, conds, x_in, timestep, model_options, step)
+        scale = self.settings.weight * ramp_scale(step, guided, self.settings.warmup, self.settings.cooldown)
+        if self._reused is not None and step % self.settings.gradient_every and self._reused[0] == x_in.shape:
+            # Gradient reuse (beyond the paper): this step costs a plain one; the last gradient, rescaled to
+            # this step's weight and ramp, is applied (the post-CFG update adds this step's lambda).
+            _, last_grad, last_scale = self._reused
+            self._grads[sigma] = last_grad * (scale / last_scale)
+            return self._measure(executor, model, conds, x_in, timestep, model_options, step)
         self._check_memory(model, conds[0], x_in, timestep, model_options)
         uncond_out = None
         if len(conds) > 1 and conds[1] is not None:
             with torch.no_grad():
                 uncond_out = executor(model, [None, conds[1]], x_in, timestep, model_options)[1]
-        scale = self.settings.weight * ramp_scale(step, guided, self.settings.warmup, self.settings.cooldown)
         normal_tensors_for_grad(model.diffusion_model, x_in.device)
         with torch.inference_mode(False), torch.enable_grad():
             x = x_in.detach().clone().requires_grad_(True)
@@ -198,6 +210,8 @@ class MotionGuidance:
         if "grad" not in holder:
             raise RuntimeError(f"MOTION layers {self.motion.layers} were not all seen in the model's forward")
         self._grads[sigma] = holder["grad"].detach()
+        if self.settings.gradient_every > 1:
+            self._reused = (x_in.shape, self._grads[sigma], scale)
         return [cond_out, uncond_out if uncond_out is not None else torch.zeros_like(cond_out)]
 
     def _check_memory(self, model, cond: list[dict], x_in: torch.Tensor, timestep: torch.Tensor,
@@ -257,7 +271,8 @@ class MotionGuidance:
         return peak_bytes(forward_and_backward, x.device)
 
     def _measure(self, executor, model, conds, x_in, timestep, model_options, step: int):
-        """Weight 0: the step runs exactly as without guidance; the motion loss is only measured."""
+        """Weight 0, or a step that reuses the last gradient: the forward runs exactly as without guidance; the
+        motion loss is only measured."""
         state = CaptureState(self.motion.layers, measure_only=True)
         options = dict(model_options)
         options["transformer_options"] = {**model_options.get("transformer_options", {}), CAPTURE_KEY: state}
@@ -310,6 +325,7 @@ class MotionGuidance:
         self._grads.clear()
         self.losses.clear()
         self.memory_estimates.clear()
+        self._reused = None
         out = executor(*args, **kwargs)
         kind = "guided" if self.settings.weight else "measured on the unguided run"
         logging.info("MotionClone: motion loss per guided step (%s, weight %g), step:loss %s", kind,

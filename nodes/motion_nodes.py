@@ -33,18 +33,23 @@ def _guidance_inputs() -> list:
                      **advanced(io.Int.Input)),
         io.Int.Input("cooldown", default=10, min=0, max=1000, tooltip="Last guided steps over which it ramps down.",
                      **advanced(io.Int.Input)),
+        io.Int.Input("gradient_every", default=1, min=1, max=100, optional=True,
+                     tooltip="Compute the guidance gradient on every k-th guided step and reuse it, rescaled, on the "
+                             "steps between (those cost a plain step). 1 = every step, as MotionClone. See the README "
+                             "for the measured trade-off.", **advanced(io.Int.Input)),
     ]
 
 
 def _guidance(model, latent, motion: SparseMotion, weight, guided_steps, noisy_fraction, warmup,
-              cooldown) -> MotionGuidance:
+              cooldown, gradient_every: int = 1) -> MotionGuidance:
     require_finite("MotionClone", guidance_weight=weight, noisy_fraction=noisy_fraction)
     samples = latent["samples"]
     motion.check_compatible(samples.shape[0], samples.shape[-2], samples.shape[-1], attention_layers_of(model))
     if motion.model_fingerprint and motion.model_fingerprint != model_fingerprint(model):
         logging.warning("MotionClone: MOTION was extracted with %s, sampling with %s",
                         motion.model_fingerprint, model_fingerprint(model))
-    return MotionGuidance(motion, GuidanceSettings(weight, guided_steps, noisy_fraction, warmup, cooldown))
+    return MotionGuidance(motion, GuidanceSettings(weight, guided_steps, noisy_fraction, warmup, cooldown,
+                                                   gradient_every=gradient_every))
 
 
 class ExtractSparseMotion(io.ComfyNode):
@@ -163,12 +168,13 @@ class MotionGuidedSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                motion, guidance_weight, guided_steps, noisy_fraction, warmup, cooldown) -> io.NodeOutput:
+                motion, guidance_weight, guided_steps, noisy_fraction, warmup, cooldown,
+                gradient_every: int = 1) -> io.NodeOutput:
         import nodes
 
         require_finite("Motion Guided Sampler", cfg=cfg, denoise=denoise)
         guidance = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
-                             cooldown)
+                             cooldown, gradient_every)
         # KSampler's own code path: same noise, progress bar, previews and interrupt handling.
         (out,) = nodes.common_ksampler(guidance.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                        negative, latent_image, denoise=denoise)
@@ -207,13 +213,13 @@ class MotionCloneGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, latent_image, motion, guidance_weight, guided_steps,
-                noisy_fraction, warmup, cooldown) -> io.NodeOutput:
+                noisy_fraction, warmup, cooldown, gradient_every: int = 1) -> io.NodeOutput:
         import comfy.samplers
 
         require_finite("MotionClone Guider", cfg=cfg)
         # Weight 0 still measures the motion loss (in the log); the sampling is CFGGuider's, bit for bit.
         model = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
-                          cooldown).patch(model)
+                          cooldown, gradient_every).patch(model)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

@@ -467,3 +467,41 @@ def test_uneven_schedule_node(model):
     timesteps = ms.timestep(sigmas[:-1]).round().tolist()
     assert len(sigmas) == 21 and sigmas[-1] == 0 and all(a > b for a, b in zip(sigmas, sigmas[1:]))
     assert timesteps[0] == 999 and all(t >= 600 for t in timesteps[:12]) and all(t < 600 for t in timesteps[12:])
+
+
+def test_gradient_reuse_computes_every_kth_gradient_and_rescales_it_between(model, motion, context, monkeypatch):
+    import comfy.sample
+
+    grads = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(1) or real_grad(*a, **k))
+    applied = {}
+    post_cfg = MotionGuidance._post_cfg
+
+    def record(self, args):
+        sigma = float(args["sigma"].flatten()[0])
+        if sigma in self._grads:
+            applied[sigma] = self._grads[sigma].clone()
+        return post_cfg(self, args)
+
+    monkeypatch.setattr(MotionGuidance, "_post_cfg", record)
+    latent = torch.zeros(FRAMES, 4, SIZE, SIZE)
+    positive, negative = _conds(context)
+    outs = {}
+    for k in (1, 2):
+        grads.clear()
+        applied.clear()
+        guidance = MotionGuidance(motion, GuidanceSettings(10000.0, guided_steps=4, warmup=4, cooldown=0,
+                                                           gradient_every=k))
+        outs[k] = comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, 1), 6, 8.5, "ddim",
+                                      "ddim_uniform", positive, negative, latent, seed=1, disable_pbar=True)
+        assert len(grads) == 4 // k  # one backward per computed gradient
+        assert [s for s, _ in guidance.losses] == [0, 1, 2, 3]  # reuse steps still measure the loss
+        sigmas = sorted(applied, reverse=True)
+        assert len(sigmas) == 4  # every guided step is guided
+        if k == 2:  # steps 1 and 3 reuse steps 0 and 2, rescaled by the warm-up ramp (i + 1) / 4
+            torch.testing.assert_close(applied[sigmas[1]], applied[sigmas[0]] * 2, rtol=1e-6, atol=0)
+            torch.testing.assert_close(applied[sigmas[3]], applied[sigmas[2]] * 4 / 3, rtol=1e-6, atol=0)
+    assert not torch.equal(outs[1], outs[2])
+    with pytest.raises(ValueError, match="gradient_every must be >= 1"):
+        GuidanceSettings(gradient_every=0)

@@ -194,7 +194,7 @@ def test_reference_settings(name):
         assert (sched["steps"], sched["guided_steps"], sched["noisy_fraction"]) == (steps, guided, r)
         (guider,) = _by_type(api, "MotionCloneGuider")
         assert (guider["cfg"], guider["guidance_weight"], guider["guided_steps"], guider["warmup"],
-                guider["cooldown"]) == (8.5, 2000, guided, 10, 10)  # fmt: skip
+                guider["cooldown"], guider["gradient_every"]) == (8.5, 2000, guided, 10, 10, 1)  # fmt: skip
         assert _by_type(api, "KSamplerSelect") == [{"sampler_name": "euler"}]  # DDIM (eta 0) on these sigmas
         (latent,) = _by_type(api, "EmptyLatentImage")
         assert latent == {"width": 512, "height": 512, "batch_size": 16}
