@@ -279,6 +279,55 @@ def bench_realscale(args: argparse.Namespace) -> None:
         print(line)
 
 
+def bench_reuse(args: argparse.Namespace) -> None:
+    """Gradient reuse on the demo model: the motion loss the guided run reaches with k = 1, 2, 3 (the
+    gradient computed on every k-th guided step) and the amortized cost of the guided phase over plain
+    sampling of the same steps."""
+    fe = _fidelity_eval(args)
+    import comfy.sample
+    import torch
+
+    from motionclone.motion_core.guided_sampling import GuidanceSettings, MotionGuidance
+
+    model, clip, vae = fe.load_demo_model()
+    s = fe.DemoSettings()
+    clips = fe.synthetic_clips(args.clips, 128, 8)
+    losses: dict[int, list[float]] = {k: [] for k in args.k}
+    times: dict[int | str, float] = {k: 0.0 for k in args.k} | {"plain": 0.0}
+    for name, frames, prompt in clips:
+        for seed in args.seeds:
+            ref = fe.reference_motion(model, clip, vae, frames, prompt, seed, s.timestep)
+            latent = torch.zeros_like(ref.latents)
+
+            def sample(m, latent=latent, seed=seed, ref=ref):
+                t = time.perf_counter()
+                comfy.sample.sample(m, comfy.sample.prepare_noise(latent, seed), s.steps, s.cfg, s.sampler,
+                                    s.scheduler, ref.positive, ref.empty, latent, seed=seed, disable_pbar=True)
+                return time.perf_counter() - t
+
+            sample(model)  # warm-up: model load
+            times["plain"] += sample(model)
+            for k in args.k:
+                guidance = MotionGuidance(ref.motion, GuidanceSettings(s.weight, s.guided_steps, s.noisy_fraction,
+                                                                       s.warmup, s.cooldown, gradient_every=k))
+                times[k] += sample(guidance.patch(model))
+                losses[k].append(guidance.loss_curve()[-1][1])
+            print(f"  {name} seed {seed}: loss at the last guided step "
+                  + ", ".join(f"k={k} {losses[k][-1]:.4f}" for k in args.k), flush=True)
+    runs = len(clips) * len(args.seeds)
+    guided_share = s.guided_steps / s.steps
+    plain_phase = times["plain"] * guided_share  # the guided steps, sampled plain
+    print(f"demo model, {runs} runs ({len(clips)} synthetic clips x seeds {args.seeds}), {s.steps} steps with the "
+          f"first {s.guided_steps} guided, weight {s.weight:g}, {args.threads} thread(s)")
+    base = float(np.mean(losses[1])) if 1 in losses else None
+    for k in args.k:
+        mean = float(np.mean(losses[k]))
+        phase = times[k] - times["plain"] * (1 - guided_share)  # the other steps cost what plain ones do
+        change = f", loss {100 * (mean / base - 1):+.1f} %" if base else ""
+        print(f"reuse k={k}: loss at the last guided step {mean:.4f}{change} vs k=1, amortized ratio "
+              f"{phase / plain_phase:.2f} (guided phase over the same steps plain)")
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "_guidance_worker":
         mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
@@ -320,6 +369,12 @@ def main(argv: list[str]) -> None:
     a.add_argument("--timestep", type=int, default=400)
     a.add_argument("--layers", default="up_blocks.1")
     a.add_argument("--threads", type=int, default=1)
+    u = sub.add_parser("reuse", help="demo model: gradient reuse every k guided steps, loss and amortized cost")
+    u.add_argument("--k", type=int, nargs="+", default=[1, 2, 3])
+    u.add_argument("--clips", type=int, default=5)
+    u.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    u.add_argument("--threads", type=int, default=1)
+    u.add_argument("--model-dir", default=None)
     r = sub.add_parser("realscale", help="full-size SD1.5 + v3: plain vs guided step time and peak memory")
     r.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="video side in pixels")
     r.add_argument("--frames", type=int, default=16)
@@ -339,7 +394,7 @@ def main(argv: list[str]) -> None:
                           help="folder with the two demo model files (default: demo_model/), e.g. a training output")
     args = parser.parse_args(argv)
     {"guidance": bench_guidance, "fidelity": bench_fidelity, "attention": bench_attention,
-     "ceiling": bench_ceiling, "realscale": bench_realscale}[args.cmd](args)
+     "ceiling": bench_ceiling, "realscale": bench_realscale, "reuse": bench_reuse}[args.cmd](args)
 
 
 if __name__ == "__main__":
