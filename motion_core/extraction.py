@@ -14,8 +14,10 @@ import json
 import torch
 
 from .attention_capture import CaptureState, StopForward
+from .context_windows import settings_of, window_frames
 from .injection import CAPTURE_KEY, INFO_KEY
 from .sparse_motion import SparseMotion
+from .windowed_motion import MotionWindow, WindowedMotion
 
 
 def model_fingerprint(model) -> str:
@@ -35,14 +37,20 @@ def extract_sparse_motion(
     seed: int = 0,
     top_k: int = 1,
     control=None,
-) -> SparseMotion:
+) -> SparseMotion | WindowedMotion:
     """`latents`: reference latents [F, C, h, w] as the VAE gives them (unscaled);
     `context`: cross-attention conditioning [1, tokens, dim]; `control`: an optional ComfyUI
-    control chain (e.g. SparseCtrl conditioned on the reference's own frames) run in the forward."""
+    control chain (e.g. SparseCtrl conditioned on the reference's own frames) run in the forward.
+
+    When the MODEL carries core context windows and the video is longer than one, the motion is
+    extracted per window, on the frames the sampler will hand the motion modules for it
+    (a WindowedMotion; context_windows.py)."""
     import comfy.model_management
     import comfy.sample
 
     frames, _, height, width = latents.shape
+    info = model.model_options["transformer_options"][INFO_KEY]["info"]
+    windows = window_frames(model, frames, info.max_frames)
     comfy.model_management.load_models_gpu([model])
     base = model.model
     device = model.load_device
@@ -51,6 +59,27 @@ def extract_sparse_motion(
     noise = comfy.sample.prepare_noise(latents, seed)
     sigma = base.model_sampling.sigma(torch.tensor([float(timestep)]))
     x = (x0 + noise * sigma).to(device)
+    made = {"top_k": top_k, "latent_height": height, "latent_width": width, "timestep": int(timestep),
+            "model_fingerprint": model_fingerprint(model)}
+    if windows is None:
+        probs = _record(model, x, sigma, context, layers, control)
+        return SparseMotion.from_probs(probs, frames=frames, **made)
+    if control is not None:
+        raise ValueError("an image condition at extraction is not supported with context windows yet: extract "
+                         "without it, or without context windows")
+    parts = []
+    for window in windows:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        probs = _record(model, x[list(window)], sigma, context, layers, None)
+        parts.append(MotionWindow(window, SparseMotion.from_probs(probs, frames=len(window), **made)))
+    return WindowedMotion(parts, frames, settings_of(model))
+
+
+def _record(model, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, layers: list[str],
+            control) -> dict[str, torch.Tensor]:
+    """The attention maps of `layers` in one UNet forward of the noisy latent `x` (stopped after the last)."""
+    frames, device = x.shape[0], x.device
+    base = model.model
     state = CaptureState(layers, stop_after_last=True)
     options = {**model.model_options["transformer_options"], "cond_or_uncond": [0], CAPTURE_KEY: state}
     context = context.to(device).expand(frames, -1, -1)
@@ -68,8 +97,4 @@ def extract_sparse_motion(
     if not state.complete:
         missing = [name for name in layers if name not in state.probs]
         raise RuntimeError(f"temporal attention layers were not reached in the forward: {missing}")
-    return SparseMotion.from_probs(
-        {name: state.probs[name].float().cpu() for name in layers},
-        top_k=top_k, frames=frames, latent_height=height, latent_width=width,
-        timestep=int(timestep), model_fingerprint=model_fingerprint(model),
-    )
+    return {name: state.probs[name].float().cpu() for name in layers}

@@ -37,6 +37,7 @@ import torch
 
 from .attention_capture import CaptureState, StopForward
 from .checkpointing import checkpointed_blocks
+from .context_windows import running_frames
 from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .errors import MotionCloneError
 from .guidance import denoised_correction_scale, motion_loss, ramp_scale
@@ -45,8 +46,9 @@ from .injection import CAPTURE_KEY, INFO_KEY, MotionModuleLayer
 from .loss_plot import format_curve
 from .memory_estimate import MARGIN as MEMORY_MARGIN
 from .memory_estimate import LinearBytes, calibration_sizes, gib, peak_bytes
-from .sparse_motion import SparseMotion
+from .sparse_motion import MotionMismatchError, SparseMotion
 from .unet_layout import motion_slots
+from .windowed_motion import WindowedMotion
 
 WRAPPER_KEY = "motionclone_guidance"
 
@@ -104,6 +106,13 @@ def lean_attention_while_grad(existing: Callable | None) -> Callable:
     return override
 
 
+def _first_per_step(losses: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    seen: dict[int, float] = {}
+    for step, loss in losses:
+        seen.setdefault(step, loss)
+    return sorted(seen.items())
+
+
 def _require_finite(t: torch.Tensor, what: str, loss: torch.Tensor | None, scale: float) -> None:
     if bool(torch.isfinite(t).all()):
         return
@@ -136,7 +145,9 @@ class MotionGuidance:
         self.settings = settings
         self._grads: dict[float, torch.Tensor] = {}  # sigma -> dL/dz_t awaiting the post-CFG step
         self.memory_estimates: dict[tuple, float] = {}  # (latent shape, device) -> bytes a guided step holds
-        self._reused: tuple | None = None  # (latent shape, gradient, its weight x ramp) for gradient reuse
+        # window (None outside context windows) -> (latent shape, gradient, its weight x ramp), for gradient reuse
+        self._reused: dict[tuple | None, tuple] = {}
+        self.window_losses: dict[tuple, list[tuple[int, float]]] = {}  # context window frames -> (step, loss)
         self.losses: list[tuple[int, float]] = []  # (step, unweighted motion loss), for tests/benchmarks
 
     # --- schedule -----------------------------------------------------------------
@@ -166,17 +177,19 @@ class MotionGuidance:
         info = self._step_info(sigma, model_options, model.model_sampling)
         if info is None or conds[0] is None:
             return executor(model, conds, x_in, timestep, model_options)
-        step, guided, _ = info
+        step, guided, sigma_next = info
+        window = running_frames(model_options, x_in)
+        motion = self._motion_for(window)
         if self.settings.weight == 0:
-            return self._measure(executor, model, conds, x_in, timestep, model_options, step)
+            return self._measure(executor, model, conds, x_in, timestep, model_options, step, motion, window)
         scale = self.settings.weight * ramp_scale(step, guided, self.settings.warmup, self.settings.cooldown)
-        if self._reused is not None and step % self.settings.gradient_every and self._reused[0] == x_in.shape:
+        last = self._reused.get(window)
+        if last is not None and step % self.settings.gradient_every and last[0] == x_in.shape:
             # Gradient reuse (beyond the paper): this step costs a plain one; the last gradient, rescaled to
-            # this step's weight and ramp, is applied (the post-CFG update adds this step's lambda).
-            _, last_grad, last_scale = self._reused
-            self._grads[sigma] = last_grad * (scale / last_scale)
-            return self._measure(executor, model, conds, x_in, timestep, model_options, step)
-        self._check_memory(model, conds[0], x_in, timestep, model_options)
+            # this step's weight and ramp, is applied with this step's lambda.
+            out = self._measure(executor, model, conds, x_in, timestep, model_options, step, motion, window)
+            return self._apply(out, last[1] * (scale / last[2]), sigma, sigma_next, window, step)
+        self._check_memory(model, conds[0], x_in, timestep, model_options, motion)
         uncond_out = None
         if len(conds) > 1 and conds[1] is not None:
             with torch.no_grad():
@@ -189,8 +202,8 @@ class MotionGuidance:
             def on_layer(name: str, probs: torch.Tensor) -> None:
                 if not state.complete:
                     return
-                loss = self._loss(state.probs)
-                self.losses.append((step, float(loss.detach())))
+                loss = self._loss(state.probs, motion)
+                self._record_loss(step, float(loss.detach()), window)
                 (grad_x,) = torch.autograd.grad(loss * scale, x)
                 _require_finite(grad_x, f"the motion loss gradient at guided step {step}", loss, scale)
                 # dL/dz_t: the model sees z_t = x / sqrt(1 + sigma^2)
@@ -198,7 +211,7 @@ class MotionGuidance:
                 state.probs.clear()
                 torch.set_grad_enabled(False)  # the rest of this forward: prediction only
 
-            state = CaptureState(self.motion.layers, on_layer=on_layer)
+            state = CaptureState(motion.layers, on_layer=on_layer)
             options = dict(model_options)
             transformer_options = model_options.get("transformer_options", {})
             options["transformer_options"] = {
@@ -208,14 +221,51 @@ class MotionGuidance:
             }
             cond_out = executor(model, [controls_without_grad(conds[0]), None], x, timestep, options)[0].detach()
         if "grad" not in holder:
-            raise RuntimeError(f"MOTION layers {self.motion.layers} were not all seen in the model's forward")
-        self._grads[sigma] = holder["grad"].detach()
+            raise RuntimeError(f"MOTION layers {motion.layers} were not all seen in the model's forward")
+        grad = holder["grad"].detach()
         if self.settings.gradient_every > 1:
-            self._reused = (x_in.shape, self._grads[sigma], scale)
-        return [cond_out, uncond_out if uncond_out is not None else torch.zeros_like(cond_out)]
+            self._reused[window] = (x_in.shape, grad, scale)
+        out = [cond_out, uncond_out if uncond_out is not None else torch.zeros_like(cond_out)]
+        return self._apply(out, grad, sigma, sigma_next, window, step)
+
+    def _apply(self, out: list, grad: torch.Tensor, sigma: float, sigma_next: float, window, step: int) -> list:
+        """Hand the step's gradient to the update. Outside context windows the post-CFG function applies it to
+        the CFG-combined prediction. Inside a window it is applied here to both branches' predictions of the
+        window, D - lambda * g: CFG's affine combination keeps it (uncond + s * (cond - uncond) moves by the
+        same -lambda * g), and core's handler fuses the windows' predictions, corrections included."""
+        if window is None:
+            self._grads[sigma] = grad
+            return out
+        lam = denoised_correction_scale(sigma, sigma_next)
+        guided = [o - lam * grad.to(o) if o is not None else o for o in out]
+        for o in guided:
+            if o is not None:
+                _require_finite(o, f"the guided prediction at guided step {step}", None, self.settings.weight)
+        return guided
+
+    def _motion_for(self, window: tuple[int, ...] | None) -> SparseMotion:
+        """The sparse motion to guide this forward with: the MOTION, or its window's part under context windows."""
+        if isinstance(self.motion, WindowedMotion):
+            if window is None:
+                raise MotionMismatchError(
+                    f"this MOTION holds {self.motion.describe()}, but the sampler runs all frames at once: apply "
+                    "the same Context Windows node to the sampler's MODEL as to the extraction's"
+                )
+            return self.motion.for_frames(window)
+        if window is not None:
+            raise MotionMismatchError(
+                f"the sampler runs context windows (frames {window[0]}..{window[-1]}), but this MOTION was "
+                "extracted without them: extract it from the MODEL with the same Context Windows settings"
+            )
+        return self.motion
+
+    def _record_loss(self, step: int, loss: float, window: tuple[int, ...] | None) -> None:
+        self.losses.append((step, loss))
+        if window is not None:
+            self.window_losses.setdefault(window, []).append((step, loss))
 
     def _check_memory(self, model, cond: list[dict], x_in: torch.Tensor, timestep: torch.Tensor,
-                      model_options: dict) -> None:
+                      model_options: dict, motion: SparseMotion) -> None:
         """Before the first guided step of a size: refuse, with what to lower, a step that would not fit
         (memory_estimate.py: the peak of its forward and backward measured on two small crops, extrapolated)."""
         import comfy.model_management
@@ -239,7 +289,7 @@ class MotionGuidance:
         if need > free:
             raise GuidanceMemoryError(
                 f"MotionClone: a guided step of {x_in.shape[0]} frames at {width * 8}x{height * 8} px would need "
-                f"about {gib(need)} for its gradient (the graph up to {self.motion.layers[-1].split('.motion')[0]}), "
+                f"about {gib(need)} for its gradient (the graph up to {motion.layers[-1].split('.motion')[0]}), "
                 f"but {gib(free)} are free on {x_in.device}. Lower the width/height or the frame count, guide an "
                 "earlier layer set (fewer blocks in the graph), or free memory (other models, other programs)."
             )
@@ -270,32 +320,41 @@ class MotionGuidance:
 
         return peak_bytes(forward_and_backward, x.device)
 
-    def _measure(self, executor, model, conds, x_in, timestep, model_options, step: int):
+    def _measure(self, executor, model, conds, x_in, timestep, model_options, step: int, motion: SparseMotion,
+                 window: tuple[int, ...] | None):
         """Weight 0, or a step that reuses the last gradient: the forward runs exactly as without guidance; the
         motion loss is only measured."""
-        state = CaptureState(self.motion.layers, measure_only=True)
+        state = CaptureState(motion.layers, measure_only=True)
         options = dict(model_options)
         options["transformer_options"] = {**model_options.get("transformer_options", {}), CAPTURE_KEY: state}
         out = executor(model, conds, x_in, timestep, options)
         if state.complete:
             with torch.no_grad():
-                self.losses.append((step, float(self._loss(state.conditional_probs()))))
+                self._record_loss(step, float(self._loss(state.conditional_probs(), motion)), window)
         return out
 
     def loss_curve(self) -> list[tuple[int, float]]:
         """(guided step, motion loss before its update) of the last run; a step evaluated twice (second-order
-        samplers) counts with its first evaluation, at the step's own sigma."""
-        seen: dict[int, float] = {}
-        for step, loss in self.losses:
-            seen.setdefault(step, loss)
-        return sorted(seen.items())
+        samplers) counts with its first evaluation, at the step's own sigma. Under context windows, the mean
+        over the windows (each window's curve: `window_curves`)."""
+        if self.window_losses:
+            curves = self.window_curves().values()
+            steps = sorted({s for curve in curves for s, _ in curve})
+            return [(s, sum(v for c in curves for t, v in c if t == s) / sum(1 for c in curves for t, _ in c if t == s))
+                    for s in steps]
+        return _first_per_step(self.losses)
 
-    def _loss(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def window_curves(self) -> dict[tuple[int, ...], list[tuple[int, float]]]:
+        """Each context window's (guided step, motion loss) of the last run."""
+        return {window: _first_per_step(losses) for window, losses in self.window_losses.items()}
+
+    @staticmethod
+    def _loss(probs: dict[str, torch.Tensor], motion: SparseMotion) -> torch.Tensor:
         # Several positive conds in one forward stack their chunks along positions.
-        first = self.motion.layers[0]
-        chunks = probs[first].shape[0] // self.motion.values[first].shape[0]
+        first = motion.layers[0]
+        chunks = probs[first].shape[0] // motion.values[first].shape[0]
         per_chunk = [
-            motion_loss({k: v.reshape(chunks, -1, *v.shape[1:])[c] for k, v in probs.items()}, self.motion)
+            motion_loss({k: v.reshape(chunks, -1, *v.shape[1:])[c] for k, v in probs.items()}, motion)
             for c in range(chunks)
         ]
         return torch.stack(per_chunk).mean()
@@ -325,11 +384,15 @@ class MotionGuidance:
         self._grads.clear()
         self.losses.clear()
         self.memory_estimates.clear()
-        self._reused = None
+        self._reused.clear()
+        self.window_losses.clear()
         out = executor(*args, **kwargs)
         kind = "guided" if self.settings.weight else "measured on the unguided run"
         logging.info("MotionClone: motion loss per guided step (%s, weight %g), step:loss %s", kind,
                      self.settings.weight, format_curve(self.loss_curve()))
+        for window, curve in self.window_curves().items():
+            logging.info("MotionClone: context window frames %d..%d, step:loss %s", window[0], window[-1],
+                         format_curve(curve))
         return out
 
     def patch(self, model):

@@ -221,11 +221,11 @@ class SparseMotion:
                        extra={str(k): str(v) for k, v in info.get("extra", {}).items()})
         except (KeyError, ValueError) as e:
             raise MotionFileError(f"{path}: invalid motion file: {e}") from e
-        _check_positions(path, motion)
+        check_positions(path, motion)
         return motion
 
 
-def _check_positions(path: str, motion: SparseMotion) -> None:
+def check_positions(path: str, motion: SparseMotion) -> None:
     """The stored tensors must fit the latent size the metadata claims: a MOTION holds one video's positions
     (extraction takes one reference), and tensors of another size would be folded wrongly by the guidance."""
     for name in motion.layers:

@@ -13,6 +13,7 @@ from ..motion_core.guided_sampling import GuidanceSettings, MotionGuidance, atte
 from ..motion_core.loss_plot import as_comfy_image, draw_loss_plot
 from ..motion_core.schedule import uneven_timesteps
 from ..motion_core.sparse_motion import SparseMotion
+from ..motion_core.windowed_motion import WindowedMotion, load_motion
 from .host_features import advanced, supported
 from .validation import numbers_valid, require_finite
 
@@ -40,7 +41,7 @@ def _guidance_inputs() -> list:
     ]
 
 
-def _guidance(model, latent, motion: SparseMotion, weight, guided_steps, noisy_fraction, warmup,
+def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guided_steps, noisy_fraction, warmup,
               cooldown, gradient_every: int = 1) -> MotionGuidance:
     require_finite("MotionClone", guidance_weight=weight, noisy_fraction=noisy_fraction)
     samples = latent["samples"]
@@ -62,7 +63,9 @@ class ExtractSparseMotion(io.ComfyNode):
             display_name="Extract Sparse Motion",
             category="MotionClone",
             description="Records the reference video's temporal attention at one noisy timestep and keeps the "
-                        "top-k entries of each row: MotionClone's motion representation.",
+                        "top-k entries of each row: MotionClone's motion representation. A MODEL with core context "
+                        "windows (Context Windows (Manual), standard_static) and a longer video: per window, with "
+                        "the windows the sampler will use (long videos).",
             inputs=[
                 io.Model.Input("model", tooltip="MODEL with AnimateDiff motion modules."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes the reference frames (not needed for a LATENT)."),
@@ -182,8 +185,11 @@ class MotionGuidedSampler(io.ComfyNode):
         kind = "guided" if guidance_weight else "unguided, measured"
         plot = as_comfy_image(draw_loss_plot({f"weight {guidance_weight:g}": curve},
                                              f"MotionClone motion loss per guided step ({kind})"))
+        windows = [{"frames": [w[0], w[-1]], "loss": [{"step": s, "loss": v} for s, v in c]}
+                   for w, c in guidance.window_curves().items()]
         return io.NodeOutput(out, plot, ui={**ui.PreviewImage(plot).as_dict(),
-                                            "motion_loss": [{"step": s, "loss": v} for s, v in curve]})
+                                            "motion_loss": [{"step": s, "loss": v} for s, v in curve],
+                                            "motion_loss_windows": windows})
 
 
 class MotionCloneGuider(io.ComfyNode):
@@ -306,7 +312,7 @@ class LoadMotion(io.ComfyNode):
         path = os.path.realpath(os.path.join(root, motion_file))
         if os.path.commonpath([root, path]) != root:
             raise ValueError(f"Load Motion: {motion_file!r} is outside the input folder")
-        return io.NodeOutput(SparseMotion.load(path))
+        return io.NodeOutput(load_motion(path))
 
     @classmethod
     def fingerprint_inputs(cls, motion_file: str):

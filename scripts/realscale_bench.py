@@ -83,9 +83,9 @@ def worker(mode: str, size: int, frames: int, threads: int) -> dict[str, Any]:
         # runs here, outside the step's own profile), then the step without it.
         estimates = []
 
-        def estimate_only(model_, cond, x_in, timestep, model_options, check=guidance._check_memory):
+        def estimate_only(model_, cond, x_in, timestep, model_options, motion_, check=guidance._check_memory):
             t = time.perf_counter()
-            check(model_, cond, x_in, timestep, model_options)
+            check(model_, cond, x_in, timestep, model_options, motion_)
             estimates.append((max(guidance.memory_estimates.values()), time.perf_counter() - t))
             raise _Stop
 

@@ -116,8 +116,8 @@ def test_the_estimate_is_the_peak_of_the_steps_gradient(model, caplog, monkeypat
     full = {}
     check = MotionGuidance._check_memory
 
-    def check_and_measure_full_size(self, model_, cond, x_in, timestep, model_options):
-        check(self, model_, cond, x_in, timestep, model_options)
+    def check_and_measure_full_size(self, model_, cond, x_in, timestep, model_options, motion_):
+        check(self, model_, cond, x_in, timestep, model_options, motion_)
         options = {**model_options.get("transformer_options", {}), "cond_or_uncond": [0]}
         context = torch.zeros(x_in.shape[0], 7, 32)
         full["peak"] = self.graph_peak(model_, context, x_in, timestep, options)
@@ -143,8 +143,8 @@ def test_checkpointing_lowers_the_peak_and_changes_nothing(model):
         peak = {}
         check = guidance._check_memory
 
-        def measure(model_, cond, x_in, timestep, model_options, guidance=guidance, peak=peak, check=check):
-            check(model_, cond, x_in, timestep, model_options)
+        def measure(model_, cond, x_in, timestep, model_options, motion_, guidance=guidance, peak=peak, check=check):
+            check(model_, cond, x_in, timestep, model_options, motion_)
             options = {**model_options.get("transformer_options", {}), "cond_or_uncond": [0]}
             peak["bytes"] = guidance.graph_peak(model_, torch.zeros(x_in.shape[0], 7, 32), x_in, timestep, options)
 
