@@ -89,8 +89,9 @@ def test_workflow_loads_in_the_frontend(page, name):
     prompt = as_the_server_reads(page.page.evaluate(PROMPT), page.object_info)
     if _version(page.page.evaluate(VERSION)) == _version(workflow["extra"]["frontendVersion"]):
         assert prompt == api
-    else:
-        assert host_titles_dropped(prompt, workflow) == host_titles_dropped(api, workflow)
+    else:  # an older frontend: its host's core nodes may lack inputs of the newer one (the server ignores them)
+        assert host_titles_dropped(prompt, workflow) == host_titles_dropped(
+            as_the_server_reads(api, page.object_info), workflow)
     shots = SHOTS / page.page.evaluate(VERSION)
     shots.mkdir(parents=True, exist_ok=True)
     page.page.screenshot(path=str(shots / f"{name}.png"))

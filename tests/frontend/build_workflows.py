@@ -118,10 +118,14 @@ I2V_RGB = Preset(100, 40, 0.3)
 
 
 def _generate(s: Spec, *, ckpt: int, mm: int, positive: int, negative: int, motion: int, preset: Preset,
-              seed_node: int | None, fps_from: int | None, prefix: str, x: int = 950, negative_slot: int = 0) -> None:
+              seed_node: int | None, fps_from: int | None, prefix: str, x: int = 950, negative_slot: int = 0,
+              frames_from: int | None = None) -> None:
     """Latent, guider, uneven schedule, euler, noise, SamplerCustomAdvanced, decode and save."""
-    latent = s.add("EmptyLatentImage", (490, 420), {"width": 512, "height": 512, "batch_size": 16},
-                   title="16 frames, 512x512", size=(420, 0))
+    title = "16 frames, 512x512" if frames_from is None else "as many frames as the reference, 512x512"
+    latent = s.add("EmptyLatentImage", (490, 420), {"width": 512, "height": 512, "batch_size": 16}, title=title,
+                   size=(420, 0))
+    if frames_from is not None:
+        s.link(frames_from, 1, latent, "batch_size")
     guider = s.add("MotionCloneGuider", (x, 20), {
         "cfg": 8.5, "guidance_weight": 2000.0, "guided_steps": preset.guided, "noisy_fraction": preset.r,
         "warmup": 10, "cooldown": 10,
@@ -288,7 +292,41 @@ def i2v() -> Spec:
     return s
 
 
-WORKFLOWS_BUILT = {f().name: f for f in (t2v_object, camera, save_motion, load_motion, i2v)}
+def long_video() -> Spec:
+    s = Spec("motionclone_long_video", scale=0.6)
+    s.note(
+        "MotionClone: long videos with context windows.\n\n"
+        "48 frames, more than a motion module relates at once: core's Context Windows (Manual) runs the UNet on "
+        "windows of 16 frames overlapping by 4 (standard_static: the windows stay put from step to step, which "
+        "MotionClone needs). Extract Sparse Motion gets the same MODEL, so it records the reference's motion per "
+        "window, on the frames the sampler will run; the guider pulls each window toward its own part, and core "
+        "fuses the windows. Object-motion preset otherwise (300 uneven steps, 180 guided, r=0.4, weight 2000).\n"
+        "Load Reference Video takes 48 evenly spaced frames; the latent takes its frame count.\n\n"
+        + MODEL_FILES
+        + "Reference clip: ComfyUI/input/reference.mp4 (or upload one on Load Reference Video).\n"
+        "Needs a ComfyUI whose core context windows run over frames (0.33 does; 0.3.75's fail, and the pack says "
+        "so at extraction)."
+    )
+    ckpt, mm = _models(s)
+    windows = s.add("ContextWindowsManual", (20, 760), {
+        "context_length": 16, "context_overlap": 4, "context_schedule": "standard_static", "context_stride": 1,
+        "closed_loop": False, "fuse_method": "pyramid", "dim": 0,
+    }, title="Context windows: 16 frames, overlap 4", size=(430, 0))  # fmt: skip
+    s.link(mm, 0, windows, "model")
+    ref = s.add("LoadReferenceVideo", (20, 1100), {
+        "file": "reference.mp4", "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1,
+        "evenly_spaced_frames": 48, "force_rate": 0.0, "width": 512, "height": 512, "resize_mode": "stretch",
+    }, title="Reference: 48 frames", size=(430, 0))  # fmt: skip
+    positive, negative = _prompts(s, ckpt, "a tiger walking in the forest, photo, realistic, high quality")
+    seed = _seed(s, (490, 600))
+    ext = _extract(s, ckpt, windows, ref, (490, 720))
+    s.link(seed, 0, ext, "seed")
+    _generate(s, ckpt=ckpt, mm=windows, positive=positive, negative=negative, motion=ext, preset=OBJECT,
+              seed_node=seed, fps_from=ref, prefix="motionclone/long_video", frames_from=ref)
+    return s
+
+
+WORKFLOWS_BUILT = {f().name: f for f in (t2v_object, camera, save_motion, load_motion, i2v, long_video)}
 
 
 def build(names: list[str] | None = None) -> list[Path]:
