@@ -13,6 +13,7 @@ prepended as an anchor (`causal_anchor_index`), which the motion modules see lik
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -110,7 +111,27 @@ def window_frames(model, frames: int, max_frames: int | None = None) -> list[tup
             "reference's motion per window once, so it needs windows that stay put: use 'standard_static' (or "
             "'batched')"
         )
+    _warn_uneven(handler, [list(w.index_list) for w in windows], frames)
     return [_seen(w, handler, frames) for w in windows]
+
+
+def even_frame_counts(length: int, overlap: int, count: int = 4) -> list[int]:
+    """Video lengths whose windows all overlap by exactly `overlap`: length + n * (length - overlap)."""
+    return [length + n * (length - overlap) for n in range(1, count + 1)]
+
+
+def _warn_uneven(handler, index_lists: list[list[int]], frames: int) -> None:
+    """Core's static schedule shifts the last window back to end on the last frame, so for other video
+    lengths the last two windows share more frames than the overlap; each pulls those frames toward its
+    own attention maps (measured on the demo model: the last window's loss no longer drops, see
+    docs/long-videos.md)."""
+    shared = [len(set(a) & set(b)) for a, b in zip(index_lists, index_lists[1:])]
+    if shared and max(shared) > handler.context_overlap:
+        logging.warning(
+            "MotionClone: with %d frames, context_length %d and overlap %d, core's windows overlap unevenly "
+            "(%s frames shared): guidance pulls the extra shared frames two ways; frame counts that tile "
+            "evenly: %s", frames, handler.context_length, handler.context_overlap, shared,
+            ", ".join(map(str, even_frame_counts(handler.context_length, handler.context_overlap))))
 
 
 def running_frames(model_options: dict, x_in: torch.Tensor) -> tuple[int, ...] | None:

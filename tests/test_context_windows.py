@@ -91,6 +91,19 @@ def test_the_motion_is_extracted_per_window_with_the_samplers_windows(model):
     assert isinstance(extract(long, 8), SparseMotion)
 
 
+def test_frame_counts_that_do_not_tile_the_windows_evenly_are_warned_about(model, caplog):
+    long = windowed(model)  # 8 frames, overlap 2: windows start every 6 frames
+    with caplog.at_level("WARNING"):
+        window_frames(long, 20)  # 8 + 2 * 6: every overlap is 2
+    assert "overlap unevenly" not in caplog.text
+    with caplog.at_level("WARNING"):
+        windows = window_frames(long, 22)  # core moves the last window back: it shares 6 frames
+    assert windows[-1][-1] == 21
+    assert "with 22 frames, context_length 8 and overlap 2, core's windows overlap unevenly ([2, 2, 6] frames " \
+           "shared)" in caplog.text
+    assert "evenly: 14, 20, 26, 32" in caplog.text
+
+
 def test_guidance_runs_per_window_and_lowers_every_windows_loss(model):
     long = windowed(model)
     motion = extract(long, 20)

@@ -296,12 +296,14 @@ def long_video() -> Spec:
     s = Spec("motionclone_long_video", scale=0.6)
     s.note(
         "MotionClone: long videos with context windows.\n\n"
-        "48 frames, more than a motion module relates at once: core's Context Windows (Manual) runs the UNet on "
+        "52 frames, more than a motion module relates at once: core's Context Windows (Manual) runs the UNet on "
         "windows of 16 frames overlapping by 4 (standard_static: the windows stay put from step to step, which "
-        "MotionClone needs). Extract Sparse Motion gets the same MODEL, so it records the reference's motion per "
+        "MotionClone needs). 52 = 16 + 3 x 12 tiles the windows evenly; with other counts core moves the last "
+        "window back and it shares more frames with the one before, which pull them two ways "
+        "(docs/long-videos.md). Extract Sparse Motion gets the same MODEL, so it records the reference's motion per "
         "window, on the frames the sampler will run; the guider pulls each window toward its own part, and core "
         "fuses the windows. Object-motion preset otherwise (300 uneven steps, 180 guided, r=0.4, weight 2000).\n"
-        "Load Reference Video takes 48 evenly spaced frames; the latent takes its frame count.\n\n"
+        "Load Reference Video takes 52 evenly spaced frames; the latent takes its frame count.\n\n"
         + MODEL_FILES
         + "Reference clip: ComfyUI/input/reference.mp4 (or upload one on Load Reference Video).\n"
         "Needs a ComfyUI whose core context windows run over frames (0.33 does; 0.3.75's fail, and the pack says "
@@ -315,8 +317,8 @@ def long_video() -> Spec:
     s.link(mm, 0, windows, "model")
     ref = s.add("LoadReferenceVideo", (20, 1100), {
         "file": "reference.mp4", "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1,
-        "evenly_spaced_frames": 48, "force_rate": 0.0, "width": 512, "height": 512, "resize_mode": "stretch",
-    }, title="Reference: 48 frames", size=(430, 0))  # fmt: skip
+        "evenly_spaced_frames": 52, "force_rate": 0.0, "width": 512, "height": 512, "resize_mode": "stretch",
+    }, title="Reference: 52 frames", size=(430, 0))  # fmt: skip
     positive, negative = _prompts(s, ckpt, "a tiger walking in the forest, photo, realistic, high quality")
     seed = _seed(s, (490, 600))
     ext = _extract(s, ckpt, windows, ref, (490, 720))
