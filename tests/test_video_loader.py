@@ -466,6 +466,29 @@ def test_decoding_streams(tmp_path):
     assert late < full_uint8 / 20 and even < full_uint8 / 20
 
 
+def test_a_long_full_hd_reference_is_sampled_without_loading_the_clip(tmp_path):
+    """Long videos: a 1080p clip sampled to 96 frames at 512 px keeps 96 small frames, never the clip (a
+    10-minute clip streams the same way, only with more frames decoded)."""
+    n, (h, w) = 300, (1080, 1920)
+    ramp = np.linspace(0, 255, w, dtype=np.float32)
+    frames = [np.broadcast_to(((ramp + 9 * i) % 256).astype(np.uint8)[None, :, None], (h, w, 3)).copy()
+              for i in range(n)]
+    path = _encode_av(tmp_path / "full_hd.mp4", frames, 24, "mpeg4", options={"qscale": "4"})
+    del frames
+    tracemalloc.start()
+    try:
+        loaded = video_io.load_video_file(path, FrameSelection(evenly_spaced_frames=96),
+                                          ResizeSpec(512, 512, "crop"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tuple(loaded.images.shape) == (96, 512, 512, 3)
+    assert loaded.stats.converted == 96 and loaded.stats.decoded == 2 * n  # a counting pass, then the pick
+    clip_bytes, kept_bytes, frame_bytes = n * h * w * 3, 96 * 512 * 512 * 3, h * w * 3
+    print(f"1080p x {n} -> 96 x 512 px: peak traced {peak / 2**20:.0f} MB (clip {clip_bytes / 2**20:.0f} MB)")
+    assert peak < kept_bytes + 8 * frame_bytes < clip_bytes / 4
+
+
 def test_interrupt_stops_decoding(clips):
     class Interrupted(Exception):
         pass

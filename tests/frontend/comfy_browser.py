@@ -42,7 +42,7 @@ BENIGN_CONSOLE = (
 def chromium_missing_reason() -> str | None:
     """Why browser tests cannot run here, or None when they can."""
     if not CHROMIUM.exists():
-        return f"{CHROMIUM} not installed (python3 scripts/dev.py setup installs Debian's chromium as root)"
+        return f"{CHROMIUM} not installed (python3 scripts/dev.py test installs Debian's chromium as root)"
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
