@@ -16,6 +16,7 @@ import torch
 from .attention_capture import CaptureState, StopForward
 from .context_windows import settings_of, window_frames
 from .injection import CAPTURE_KEY, INFO_KEY
+from .region_mask import RegionMaskError, normalize_mask, token_masks
 from .sparse_motion import SparseMotion
 from .windowed_motion import MotionWindow, WindowedMotion
 
@@ -37,6 +38,7 @@ def extract_sparse_motion(
     seed: int = 0,
     top_k: int = 1,
     control=None,
+    mask: torch.Tensor | None = None,
 ) -> SparseMotion | WindowedMotion:
     """`latents`: reference latents [F, C, h, w] as the VAE gives them (unscaled);
     `context`: cross-attention conditioning [1, tokens, dim]; `control`: an optional ComfyUI
@@ -44,13 +46,19 @@ def extract_sparse_motion(
 
     When the MODEL carries core context windows and the video is longer than one, the motion is
     extracted per window, on the frames the sampler will hand the motion modules for it
-    (a WindowedMotion; context_windows.py)."""
+    (a WindowedMotion; context_windows.py). `mask`: an optional source region (a ComfyUI MASK): only the
+    rows under it keep their motion (region_mask.py); an all-ones mask is no mask."""
     import comfy.model_management
     import comfy.sample
 
     frames, _, height, width = latents.shape
     info = model.model_options["transformer_options"][INFO_KEY]["info"]
     windows = window_frames(model, frames, info.max_frames)
+    region = normalize_mask(mask, frames, height, width, "reference mask")
+    if region is not None and windows is not None:
+        raise RegionMaskError("region masks are not supported with context windows yet: extract without the mask, "
+                              "or without context windows")
+    masks = token_masks(region, layers, height, width) if region is not None else {}
     comfy.model_management.load_models_gpu([model])
     base = model.model
     device = model.load_device
@@ -63,7 +71,10 @@ def extract_sparse_motion(
             "model_fingerprint": model_fingerprint(model)}
     if windows is None:
         probs = _record(model, x, sigma, context, layers, control)
-        return SparseMotion.from_probs(probs, frames=frames, **made)
+        motion = SparseMotion.from_probs(probs, frames=frames, **made)
+        motion.masks = masks
+        motion.__post_init__()  # checks the masks against the tensors
+        return motion
     if control is not None:
         raise ValueError("an image condition at extraction is not supported with context windows yet: extract "
                          "without it, or without context windows")

@@ -46,6 +46,7 @@ from .injection import CAPTURE_KEY, INFO_KEY, MotionModuleLayer
 from .loss_plot import format_curve
 from .memory_estimate import MARGIN as MEMORY_MARGIN
 from .memory_estimate import LinearBytes, calibration_sizes, gib, peak_bytes
+from .region_mask import RegionGuide, RegionMaskError, keep_still_loss, masked_motion_loss, normalize_mask
 from .sparse_motion import MotionMismatchError, SparseMotion
 from .unet_layout import motion_slots
 from .windowed_motion import WindowedMotion
@@ -133,16 +134,33 @@ class GuidanceSettings:
     cooldown: int = 10
     checkpointing: bool = True  # recompute the graph's layers in backward instead of keeping them (exact)
     gradient_every: int = 1  # k: compute the gradient on every k-th guided step, reuse it (rescaled) between
+    keep_still_weight: float = 0.0  # region masks: weight of the pull toward static attention outside the region
 
     def __post_init__(self) -> None:
         if self.gradient_every < 1:
             raise ValueError(f"gradient_every must be >= 1, got {self.gradient_every}")
+        if not math.isfinite(self.keep_still_weight) or self.keep_still_weight < 0:
+            raise ValueError(f"keep_still_weight must be a finite number >= 0, got {self.keep_still_weight}")
 
 
 class MotionGuidance:
-    def __init__(self, motion: SparseMotion, settings: GuidanceSettings) -> None:
+    def __init__(self, motion: SparseMotion | WindowedMotion, settings: GuidanceSettings,
+                 mask: torch.Tensor | None = None) -> None:
+        """`mask`: optional target region (a ComfyUI MASK, region_mask.py) where the motion is applied."""
         self.motion = motion
         self.settings = settings
+        self.region: RegionGuide | None = None
+        masked = isinstance(motion, SparseMotion) and bool(motion.masks)
+        if isinstance(motion, WindowedMotion) and mask is not None:
+            raise RegionMaskError("region masks are not supported with context windows yet: sample without the "
+                                  "mask, or without context windows")
+        if mask is not None or masked:
+            target = normalize_mask(mask, motion.frames, motion.latent_height, motion.latent_width, "sampler's mask")
+            region = RegionGuide(motion, target)
+            self.region = region if region.active else None
+        if settings.keep_still_weight > 0 and self.region is None:
+            raise RegionMaskError("keep_still_weight needs a region (a mask on the sampler or on Extract Sparse "
+                                  "Motion): outside it the video is kept still")
         self._grads: dict[float, torch.Tensor] = {}  # sigma -> dL/dz_t awaiting the post-CFG step
         self.memory_estimates: dict[tuple, float] = {}  # (latent shape, device) -> bytes a guided step holds
         # window (None outside context windows) -> (latent shape, gradient, its weight x ramp), for gradient reuse
@@ -204,7 +222,16 @@ class MotionGuidance:
                     return
                 loss = self._loss(state.probs, motion)
                 self._record_loss(step, float(loss.detach()), window)
-                (grad_x,) = torch.autograd.grad(loss * scale, x)
+                still = self.settings.keep_still_weight > 0
+                (grad_x,) = torch.autograd.grad(loss * scale, x, retain_graph=still)
+                if self.region is not None:
+                    # The motion's correction stays in the target region; keep-still acts outside it.
+                    inside = self.region.latent.to(grad_x)
+                    grad_x = grad_x * inside.repeat(grad_x.shape[0] // inside.shape[0], 1, 1, 1)
+                if still:
+                    ramp = scale / self.settings.weight
+                    weight = self.settings.keep_still_weight * ramp
+                    grad_x = grad_x + torch.autograd.grad(self._keep_still(state.probs) * weight, x)[0]
                 _require_finite(grad_x, f"the motion loss gradient at guided step {step}", loss, scale)
                 # dL/dz_t: the model sees z_t = x / sqrt(1 + sigma^2)
                 holder["grad"] = grad_x * math.sqrt(1.0 + sigma * sigma)
@@ -348,15 +375,23 @@ class MotionGuidance:
         """Each context window's (guided step, motion loss) of the last run."""
         return {window: _first_per_step(losses) for window, losses in self.window_losses.items()}
 
+    def _loss(self, probs: dict[str, torch.Tensor], motion: SparseMotion) -> torch.Tensor:
+        region = self.region
+
+        def loss(chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+            return motion_loss(chunk, motion) if region is None else masked_motion_loss(chunk, motion, region)
+
+        return self._per_chunk(probs, motion, loss)
+
+    def _keep_still(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._per_chunk(probs, self.motion, lambda chunk: keep_still_loss(chunk, self.region))
+
     @staticmethod
-    def _loss(probs: dict[str, torch.Tensor], motion: SparseMotion) -> torch.Tensor:
+    def _per_chunk(probs: dict[str, torch.Tensor], motion: SparseMotion, loss) -> torch.Tensor:
         # Several positive conds in one forward stack their chunks along positions.
         first = motion.layers[0]
         chunks = probs[first].shape[0] // motion.values[first].shape[0]
-        per_chunk = [
-            motion_loss({k: v.reshape(chunks, -1, *v.shape[1:])[c] for k, v in probs.items()}, motion)
-            for c in range(chunks)
-        ]
+        per_chunk = [loss({k: v.reshape(chunks, -1, *v.shape[1:])[c] for k, v in probs.items()}) for c in range(chunks)]
         return torch.stack(per_chunk).mean()
 
     def _post_cfg(self, args: dict) -> torch.Tensor:

@@ -26,12 +26,13 @@ _BLOCK = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|mid_block)\.")
 
 FORMAT_NAME = "motionclone.sparse_motion"
 FORMAT_VERSION = 1
+MASKED_FORMAT_VERSION = 3  # version 1 plus a region mask per layer (2 is the windowed MOTION, windowed_motion.py)
 MAX_FRAMES = 256  # indices are stored as uint8
 
 
-def positions_per_video(layer: str, latent_height: int, latent_width: int) -> int | None:
-    """Spatial positions of one video at `layer` (e.g. up_blocks.1: a quarter of the latent per side);
-    None for a layer name this rule does not know."""
+def layer_grid_or_none(layer: str, latent_height: int, latent_width: int) -> tuple[int, int] | None:
+    """(rows, columns) of `layer`'s token grid (e.g. up_blocks.1: a quarter of the latent per side); None for
+    a layer name this rule does not know."""
     match = _BLOCK.match(layer)
     if match is None:
         return None
@@ -40,7 +41,20 @@ def positions_per_video(layer: str, latent_height: int, latent_width: int) -> in
     if not 0 <= level < UNET_LEVELS:
         return None
     scale = 2**level
-    return math.ceil(latent_height / scale) * math.ceil(latent_width / scale)
+    return math.ceil(latent_height / scale), math.ceil(latent_width / scale)
+
+
+def layer_grid(layer: str, latent_height: int, latent_width: int) -> tuple[int, int]:
+    grid = layer_grid_or_none(layer, latent_height, latent_width)
+    if grid is None:
+        raise ValueError(f"layer {layer!r} is not a block of the SD1.5 UNet: its token grid is unknown")
+    return grid
+
+
+def positions_per_video(layer: str, latent_height: int, latent_width: int) -> int | None:
+    """Spatial positions of one video at `layer`; None for a layer name the grid rule does not know."""
+    grid = layer_grid_or_none(layer, latent_height, latent_width)
+    return None if grid is None else grid[0] * grid[1]
 
 
 class MotionMismatchError(MotionCloneError):
@@ -64,9 +78,17 @@ class SparseMotion:
     model_fingerprint: str = ""
     format_version: int = FORMAT_VERSION
     extra: dict[str, str] = field(default_factory=dict)
+    # Region masks (region_mask.py): per layer, bool [S, F], the rows whose motion was kept; empty: the whole frame.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = list(self.layers)
+        if self.masks and set(self.masks) != set(self.layers):
+            raise ValueError("MOTION region masks must cover exactly its layers")
+        for name, m in self.masks.items():
+            if m.dtype != torch.bool or tuple(m.shape) != (self.values[name].shape[0], self.frames):
+                raise ValueError(f"MOTION layer {name}: region mask must be bool [S, F] = "
+                                 f"{[int(self.values[name].shape[0]), self.frames]}, got {m.dtype} {tuple(m.shape)}")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"MOTION layer names repeat: {self.layers}")
         if set(self.values) != set(self.layers) or set(self.indices) != set(self.layers):
@@ -140,7 +162,8 @@ class SparseMotion:
 
     def to(self, device: torch.device | str) -> SparseMotion:
         return replace(self, values={k: v.to(device) for k, v in self.values.items()},
-                       indices={k: v.to(device) for k, v in self.indices.items()}, extra=dict(self.extra))
+                       indices={k: v.to(device) for k, v in self.indices.items()}, extra=dict(self.extra),
+                       masks={k: v.to(device) for k, v in self.masks.items()})
 
     def check_compatible(
         self, frames: int, latent_height: int, latent_width: int, layers: list[str] | None = None
@@ -181,8 +204,11 @@ class SparseMotion:
         for name in self.layers:
             tensors[f"{name}.values"] = self.values[name].detach().cpu().contiguous()
             tensors[f"{name}.indices"] = self.indices[name].detach().cpu().contiguous()
+            if self.masks:
+                tensors[f"{name}.mask"] = self.masks[name].detach().cpu().to(torch.uint8).contiguous()
+        version = MASKED_FORMAT_VERSION if self.masks else self.format_version
         # safetensors metadata is str->str: the format tag is a plain key, everything else one JSON blob.
-        metadata = {"format": FORMAT_NAME, "format_version": str(self.format_version),
+        metadata = {"format": FORMAT_NAME, "format_version": str(version),
                     "motion": json.dumps(self._metadata())}
         save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -195,9 +221,10 @@ class SparseMotion:
                 if meta.get("format") != FORMAT_NAME:
                     raise MotionFileError(f"{path} is not a MotionClone motion file (no '{FORMAT_NAME}' tag)")
                 version = int(meta.get("format_version", "0"))
-                if not 1 <= version <= FORMAT_VERSION:
-                    raise MotionFileError(f"{path}: motion format version {version} is not supported "
-                                          f"(this pack reads versions 1..{FORMAT_VERSION})")
+                if version not in (FORMAT_VERSION, MASKED_FORMAT_VERSION):
+                    raise MotionFileError(f"{path}: motion format version {version} is not supported here "
+                                          f"(plain MOTION files are versions {FORMAT_VERSION} and "
+                                          f"{MASKED_FORMAT_VERSION})")
                 info = json.loads(meta["motion"])
                 keys = set(f.keys())
                 missing = [k for name in info["layers"] for k in (f"{name}.values", f"{name}.indices")
@@ -206,6 +233,12 @@ class SparseMotion:
                     raise MotionFileError(f"{path}: motion file lacks tensors {missing}")
                 values = {n: f.get_tensor(f"{n}.values").to(device) for n in info["layers"]}
                 indices = {n: f.get_tensor(f"{n}.indices").to(device) for n in info["layers"]}
+                masks = {}
+                if version == MASKED_FORMAT_VERSION:
+                    absent = [f"{n}.mask" for n in info["layers"] if f"{n}.mask" not in keys]
+                    if absent:
+                        raise MotionFileError(f"{path}: masked motion file lacks tensors {absent}")
+                    masks = {n: f.get_tensor(f"{n}.mask").to(device).bool() for n in info["layers"]}
         except MotionFileError:
             raise
         except SafetensorError as e:
@@ -217,8 +250,8 @@ class SparseMotion:
             motion = cls(values=values, indices=indices, frames=int(info["frames"]),
                        latent_height=int(info["latent_height"]), latent_width=int(info["latent_width"]),
                        layers=list(info["layers"]), timestep=int(info["timestep"]), top_k=int(info["top_k"]),
-                       model_fingerprint=str(info.get("model_fingerprint", "")), format_version=version,
-                       extra={str(k): str(v) for k, v in info.get("extra", {}).items()})
+                       model_fingerprint=str(info.get("model_fingerprint", "")), format_version=FORMAT_VERSION,
+                       extra={str(k): str(v) for k, v in info.get("extra", {}).items()}, masks=masks)
         except (KeyError, ValueError) as e:
             raise MotionFileError(f"{path}: invalid motion file: {e}") from e
         check_positions(path, motion)

@@ -38,19 +38,29 @@ def _guidance_inputs() -> list:
                      tooltip="Compute the guidance gradient on every k-th guided step and reuse it, rescaled, on the "
                              "steps between (those cost a plain step). 1 = every step, as MotionClone. See the README "
                              "for the measured trade-off.", **advanced(io.Int.Input)),
+        io.Mask.Input("mask", optional=True,
+                      tooltip="Where the motion is applied in the new video (one mask, or one per frame). Only the "
+                              "positions under it are guided; a MOTION extracted with a mask is mapped onto this "
+                              "region by bounding boxes. Unconnected: the MOTION's own region, else the whole frame."),
+        io.Float.Input("keep_still_weight", default=0.0, min=0.0, max=1e6, step=10.0, optional=True,
+                       tooltip="With a region: pulls the positions outside it toward still video (each frame "
+                               "attending to itself), with this weight (like guidance_weight). 0 = off.",
+                       **advanced(io.Float.Input)),
     ]
 
 
 def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guided_steps, noisy_fraction, warmup,
-              cooldown, gradient_every: int = 1) -> MotionGuidance:
-    require_finite("MotionClone", guidance_weight=weight, noisy_fraction=noisy_fraction)
+              cooldown, gradient_every: int = 1, mask=None, keep_still_weight: float = 0.0) -> MotionGuidance:
+    require_finite("MotionClone", guidance_weight=weight, noisy_fraction=noisy_fraction,
+                   keep_still_weight=keep_still_weight)
     samples = latent["samples"]
     motion.check_compatible(samples.shape[0], samples.shape[-2], samples.shape[-1], attention_layers_of(model))
     if motion.model_fingerprint and motion.model_fingerprint != model_fingerprint(model):
         logging.warning("MotionClone: MOTION was extracted with %s, sampling with %s",
                         motion.model_fingerprint, model_fingerprint(model))
     return MotionGuidance(motion, GuidanceSettings(weight, guided_steps, noisy_fraction, warmup, cooldown,
-                                                   gradient_every=gradient_every))
+                                                   gradient_every=gradient_every,
+                                                   keep_still_weight=keep_still_weight), mask)
 
 
 class ExtractSparseMotion(io.ComfyNode):
@@ -84,13 +94,17 @@ class ExtractSparseMotion(io.ComfyNode):
                 io.String.Input("layers", default="up_blocks.1",
                                 tooltip="Comma-separated diffusers block prefixes of the guided temporal attention.",
                                 **advanced(io.String.Input)),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Region whose motion is cloned (one mask, or one per frame): only positions "
+                                      "under it (at least half of a token's area, per guided layer) keep their "
+                                      "motion. Unconnected: the whole frame."),
             ],
             outputs=[Motion.Output()],
         )
 
     @classmethod
     def execute(cls, model, timestep, seed, top_k, layers, vae=None, images=None, latent=None, positive=None,
-                clip=None, image_condition=None) -> io.NodeOutput:
+                clip=None, image_condition=None, mask=None) -> io.NodeOutput:
         chosen = select_layers(attention_layers_of(model), layers)
         if latent is not None:
             latents = latent["samples"]
@@ -126,7 +140,7 @@ class ExtractSparseMotion(io.ComfyNode):
             else:
                 control = condition_on_reference(control, images)
         motion = extract_sparse_motion(model, latents, positive[0][0], chosen, timestep=timestep, seed=seed,
-                                       top_k=top_k, control=control)
+                                       top_k=top_k, control=control, mask=mask)
         return io.NodeOutput(motion)
 
 
@@ -165,19 +179,20 @@ class MotionGuidedSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, denoise=None, guidance_weight=None, noisy_fraction=None) -> bool | str:
+    def validate_inputs(cls, cfg=None, denoise=None, guidance_weight=None, noisy_fraction=None,
+                        keep_still_weight=None) -> bool | str:
         return numbers_valid(cls.define_schema(), cfg=cfg, denoise=denoise, guidance_weight=guidance_weight,
-                             noisy_fraction=noisy_fraction)
+                             noisy_fraction=noisy_fraction, keep_still_weight=keep_still_weight)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 motion, guidance_weight, guided_steps, noisy_fraction, warmup, cooldown,
-                gradient_every: int = 1) -> io.NodeOutput:
+                gradient_every: int = 1, mask=None, keep_still_weight: float = 0.0) -> io.NodeOutput:
         import nodes
 
         require_finite("Motion Guided Sampler", cfg=cfg, denoise=denoise)
         guidance = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
-                             cooldown, gradient_every)
+                             cooldown, gradient_every, mask, keep_still_weight)
         # KSampler's own code path: same noise, progress bar, previews and interrupt handling.
         (out,) = nodes.common_ksampler(guidance.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                        negative, latent_image, denoise=denoise)
@@ -213,19 +228,21 @@ class MotionCloneGuider(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, guidance_weight=None, noisy_fraction=None) -> bool | str:
+    def validate_inputs(cls, cfg=None, guidance_weight=None, noisy_fraction=None,
+                        keep_still_weight=None) -> bool | str:
         return numbers_valid(cls.define_schema(), cfg=cfg, guidance_weight=guidance_weight,
-                             noisy_fraction=noisy_fraction)
+                             noisy_fraction=noisy_fraction, keep_still_weight=keep_still_weight)
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, latent_image, motion, guidance_weight, guided_steps,
-                noisy_fraction, warmup, cooldown, gradient_every: int = 1) -> io.NodeOutput:
+                noisy_fraction, warmup, cooldown, gradient_every: int = 1, mask=None,
+                keep_still_weight: float = 0.0) -> io.NodeOutput:
         import comfy.samplers
 
         require_finite("MotionClone Guider", cfg=cfg)
         # Weight 0 still measures the motion loss (in the log); the sampling is CFGGuider's, bit for bit.
         model = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
-                          cooldown, gradient_every).patch(model)
+                          cooldown, gradient_every, mask, keep_still_weight).patch(model)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
