@@ -328,6 +328,84 @@ def bench_reuse(args: argparse.Namespace) -> None:
               f"{phase / plain_phase:.2f} (guided phase over the same steps plain)")
 
 
+def bench_region(args: argparse.Namespace) -> None:
+    """Region masks on the demo model (its reference clip, 16 frames): the left half's motion into the left half,
+    against no mask and no guidance. Per run: the motion loss restricted to each half at the last guided step,
+    and how far each half's attention at that step moved from the unguided run's (mean |P - P_unguided|)."""
+    fe = _fidelity_eval(args)
+    import comfy.sample
+    import torch
+
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guided_sampling import (
+        GuidanceSettings,
+        MotionGuidance,
+        attention_layers_of,
+        select_layers,
+    )
+    from motionclone.motion_core.region_mask import RegionGuide, masked_motion_loss, normalize_mask
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo import DEMO_REFERENCE_CLIP
+
+    s = fe.DemoSettings()
+    model, clip, vae = fe.load_demo_model()
+    frames = fe.procedural_clips().make_clip(**DEMO_REFERENCE_CLIP, frames=args.frames).frames
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(frames).float() / 255.0)
+    count, _, lh, lw = latents.shape
+    empty, positive = fe._encode(clip, ""), fe._encode(clip, "blue square")
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    left = torch.zeros(1, lh * 8, lw * 8)
+    left[:, :, : lw * 4] = 1.0
+    halves = {"left": left, "right": 1.0 - left}
+    results: dict[str, dict] = {}
+    for seed in args.seeds:
+        full = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=s.timestep, seed=seed)
+        masked = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=s.timestep, seed=seed,
+                                       mask=left)
+        guides = {h: RegionGuide(full, normalize_mask(m, count, lh, lw)) for h, m in halves.items()}
+        runs = {"unguided": (full, 0.0, 0.0), "no mask": (full, s.weight, 0.0), "left half": (masked, s.weight, 0.0),
+                "left half + keep still": (masked, s.weight, args.keep_still)}
+        last: dict[str, dict] = {}
+        for name, (motion, weight, still) in runs.items():
+            guidance = MotionGuidance(motion, GuidanceSettings(weight, s.guided_steps, s.noisy_fraction, s.warmup,
+                                                               s.cooldown, keep_still_weight=still))
+            seen: list[dict] = []
+            measure = guidance._loss
+
+            def spy(probs, m, measure=measure, seen=seen):
+                seen.append({k: v.detach().clone() for k, v in probs.items()})
+                return measure(probs, m)
+
+            guidance._loss = spy  # the maps each guided step's loss sees, before its update
+            latent = torch.zeros_like(latents)
+            comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, seed), s.steps, s.cfg,
+                                s.sampler, s.scheduler, positive, empty, latent, seed=seed, disable_pbar=True)
+            last[name] = seen[-1]
+        layer = full.layers[0]
+        for name, probs in last.items():
+            row = results.setdefault(name, {"loss": {h: [] for h in halves}, "drift": {h: [] for h in halves}})
+            for h, guide in guides.items():
+                row["loss"][h].append(float(masked_motion_loss(probs, full, guide)))
+                rows = guide.rows[layer]
+                diff = (probs[layer] - last["unguided"][layer]).abs().mean(dim=(1, 3))  # [S, F]
+                row["drift"][h].append(float(diff[rows].mean()))
+        print(f"  seed {seed} done", flush=True)
+    print(f"demo model, its reference clip ({args.frames} frames), seeds {args.seeds}; {s.steps} steps, "
+          f"{s.guided_steps} guided, weight {s.weight:g}; at the last guided step:")
+    mean = {n: {k: {h: float(np.mean(v)) for h, v in d.items()} for k, d in r.items()} for n, r in results.items()}
+    for name, r in mean.items():
+        print(f"  {name:24s} motion loss left {r['loss']['left']:.4f} right {r['loss']['right']:.4f}   attention "
+              f"moved from unguided: left {r['drift']['left']:.4f} right {r['drift']['right']:.4f}")
+    drop_masked = mean["unguided"]["loss"]["left"] - mean["left half"]["loss"]["left"]
+    drop_full = mean["unguided"]["loss"]["left"] - mean["no mask"]["loss"]["left"]
+    print(f"region: left-half loss drop {drop_masked / drop_full:.2f}x of the unmasked run's, right-half attention "
+          f"moved {mean['left half']['drift']['right'] / mean['no mask']['drift']['right']:.2f}x as far as unmasked "
+          f"({mean['left half + keep still']['drift']['right'] / mean['no mask']['drift']['right']:.2f}x with keep "
+          "still)")
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "_guidance_worker":
         mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
@@ -382,6 +460,11 @@ def main(argv: list[str]) -> None:
     r.add_argument("--modes", nargs="+", default=["plain", "guided", "guided_kept"],
                    help="plain, guided (checkpointed graph), guided_kept (the whole graph kept, no checkpointing)")
     r.add_argument("--breakdown", type=int, default=256, help="size of the memory breakdown (0: none)")
+    m = sub.add_parser("region", help="demo model: region masks, the left half's motion into the left half")
+    m.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
+    m.add_argument("--frames", type=int, default=16)
+    m.add_argument("--keep-still", type=float, default=1000.0, help="keep_still_weight of the keep-still run")
+    m.add_argument("--threads", type=int, default=1)
     c = sub.add_parser("ceiling", help="demo model: fidelity when its attention matches the MOTION almost exactly")
     c.add_argument("--clips", type=int, default=5)
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -389,12 +472,13 @@ def main(argv: list[str]) -> None:
     c.add_argument("--matched-steps", type=int, default=8, help="of 20")
     c.add_argument("--step-size", type=float, default=0.02, help="RMS move per iteration, in units of sigma")
     c.add_argument("--threads", type=int, default=1)
-    for demo in (f, a, c):
+    for demo in (f, a, c, m):
         demo.add_argument("--model-dir", default=None,
                           help="folder with the two demo model files (default: demo_model/), e.g. a training output")
     args = parser.parse_args(argv)
     {"guidance": bench_guidance, "fidelity": bench_fidelity, "attention": bench_attention,
-     "ceiling": bench_ceiling, "realscale": bench_realscale, "reuse": bench_reuse}[args.cmd](args)
+     "ceiling": bench_ceiling, "realscale": bench_realscale, "reuse": bench_reuse,
+     "region": bench_region}[args.cmd](args)
 
 
 if __name__ == "__main__":

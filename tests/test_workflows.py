@@ -177,6 +177,7 @@ PRESETS = {
     "motionclone_load_motion": (300, 180, 0.4),
     "motionclone_i2v": (100, 40, 0.3),
     "motionclone_long_video": (300, 180, 0.4),
+    "motionclone_region": (300, 180, 0.4),
 }
 FRAMES_OF = {"motionclone_long_video": 52}  # reference frames; the others take the reference's 16
 
@@ -338,6 +339,7 @@ TINY_HANDLED = {
     "MotionCloneUnevenSchedule", "MotionCloneGuider", "ImageCondition", "LoadImage", "LoadMotion",
     "CLIPTextEncode", "PrimitiveInt", "ExtractSparseMotion", "KSamplerSelect", "RandomNoise", "SamplerCustomAdvanced",
     "VAEDecode", "SaveAnimatedWEBP", "SaveImage", "SaveMotion", "LoraLoaderModelOnly", "ContextWindowsManual",
+    "SolidMask", "MaskComposite",
 }  # fmt: skip
 
 
@@ -347,7 +349,7 @@ def tiny_prompt(api: dict[str, Any], motion_file: str | None = None) -> dict[str
     - CheckpointLoaderSimple -> MotionCloneCompactCheckpointLoader (the tiny SD1.5-layout checkpoint);
       the motion module, SparseCtrl, adapter LoRA, reference clip, first-frame image and motion file
       -> the test's files;
-    - FRAMES frames at SIZE x SIZE (reference video and empty latent), STEPS uneven steps with GUIDED
+    - FRAMES frames at SIZE x SIZE (reference video, empty latent and masks), STEPS uneven steps with GUIDED
       guided, warm-up/cool-down 1; everything else (weights, t, top-k, layers, cfg, seeds) as shipped.
     """
     prompt = copy.deepcopy(api)
@@ -365,6 +367,10 @@ def tiny_prompt(api: dict[str, Any], motion_file: str | None = None) -> dict[str
             inputs.update(width=SIZE, height=SIZE)
             if not isinstance(inputs["batch_size"], list):  # a link takes the reference's frame count
                 inputs["batch_size"] = FRAMES
+        elif kind in ("SolidMask", "MaskComposite"):  # the shipped 512 px geometry, scaled to SIZE
+            for key in ("width", "height", "x", "y"):
+                if key in inputs and not isinstance(inputs[key], list):
+                    inputs[key] = inputs[key] * SIZE // 512
         elif kind == "ContextWindowsManual":
             inputs.update(context_length=6, context_overlap=2)  # two windows over the FRAMES frames
         elif kind == "MotionCloneUnevenSchedule":

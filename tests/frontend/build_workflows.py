@@ -119,8 +119,8 @@ I2V_RGB = Preset(100, 40, 0.3)
 
 def _generate(s: Spec, *, ckpt: int, mm: int, positive: int, negative: int, motion: int, preset: Preset,
               seed_node: int | None, fps_from: int | None, prefix: str, x: int = 950, negative_slot: int = 0,
-              frames_from: int | None = None) -> None:
-    """Latent, guider, uneven schedule, euler, noise, SamplerCustomAdvanced, decode and save."""
+              frames_from: int | None = None, guider_widgets: dict[str, Any] | None = None) -> int:
+    """Latent, guider, uneven schedule, euler, noise, SamplerCustomAdvanced, decode and save; returns the guider."""
     title = "16 frames, 512x512" if frames_from is None else "as many frames as the reference, 512x512"
     latent = s.add("EmptyLatentImage", (490, 420), {"width": 512, "height": 512, "batch_size": 16}, title=title,
                    size=(420, 0))
@@ -128,7 +128,7 @@ def _generate(s: Spec, *, ckpt: int, mm: int, positive: int, negative: int, moti
         s.link(frames_from, 1, latent, "batch_size")
     guider = s.add("MotionCloneGuider", (x, 20), {
         "cfg": 8.5, "guidance_weight": 2000.0, "guided_steps": preset.guided, "noisy_fraction": preset.r,
-        "warmup": 10, "cooldown": 10,
+        "warmup": 10, "cooldown": 10, **(guider_widgets or {}),
     }, size=(380, 0))  # fmt: skip
     for src, slot, name in ((mm, 0, "model"), (positive, 0, "positive"), (negative, negative_slot, "negative"),
                             (latent, 0, "latent_image"), (motion, 0, "motion")):
@@ -156,6 +156,7 @@ def _generate(s: Spec, *, ckpt: int, mm: int, positive: int, negative: int, moti
         s.link(fps_from, 2, webp, "fps")  # the reference's rate: same duration as the reference clip
     frames = s.add("SaveImage", (x + 420, 600), {"filename_prefix": f"{prefix}/frame"}, size=(420, 300))
     s.link(decode, 0, frames, "images")
+    return guider
 
 
 def _seed(s: Spec, pos: tuple[int, int]) -> int:
@@ -328,7 +329,45 @@ def long_video() -> Spec:
     return s
 
 
-WORKFLOWS_BUILT = {f().name: f for f in (t2v_object, camera, save_motion, load_motion, i2v, long_video)}
+def region() -> Spec:
+    s = Spec("motionclone_region", scale=0.6)
+    s.note(
+        "MotionClone: region-masked motion.\n\n"
+        "Clones the motion of one region of the reference into one region of the new video. Here both are the "
+        "left half of the frame, made with core mask nodes (Solid Mask 0 everywhere + Solid Mask 1 on 256x512, "
+        "Mask Composite add): Extract Sparse Motion keeps only the motion under its mask (a token counts when at "
+        "least half of it is covered, per guided layer), and the guider applies it under its own mask. Masks can "
+        "differ (e.g. the subject's mask per frame from a segmentation pack on the reference, and a mask where it "
+        "should move in the new video): the source region's bounding box is mapped onto the target's.\n"
+        "keep_still_weight (advanced input on the guider, 0 here) pulls everything outside the target region "
+        "toward a still video; try the guidance weight's order of magnitude (docs/region-masks.md).\n"
+        "Object-motion preset otherwise (300 uneven steps, 180 guided, r=0.4, weight 2000).\n\n"
+        + MODEL_FILES
+        + "Reference clip: ComfyUI/input/reference.mp4 (or upload one on Load Reference Video)."
+    )
+    ckpt, mm = _models(s)
+    ref = _reference(s, "reference.mp4")
+    positive, negative = _prompts(s, ckpt, "a tiger walking in the forest, photo, realistic, high quality")
+    seed = _seed(s, (490, 600))
+    ext = _extract(s, ckpt, mm, ref, (490, 720))
+    s.link(seed, 0, ext, "seed")
+    blank = s.add("SolidMask", (20, 1120), {"value": 0.0, "width": 512, "height": 512}, title="Mask: nothing",
+                  size=(300, 0))
+    left = s.add("SolidMask", (20, 1260), {"value": 1.0, "width": 256, "height": 512}, title="Mask: left half",
+                 size=(300, 0))
+    region = s.add("MaskComposite", (340, 1160), {"x": 0, "y": 0, "operation": "add"},
+                   title="Region: left half of the frame", size=(300, 0))
+    s.link(blank, 0, region, "destination")
+    s.link(left, 0, region, "source")
+    s.link(region, 0, ext, "mask")
+    guider = _generate(s, ckpt=ckpt, mm=mm, positive=positive, negative=negative, motion=ext, preset=OBJECT,
+                       seed_node=seed, fps_from=ref, prefix="motionclone/region",
+                       guider_widgets={"keep_still_weight": 0.0})
+    s.link(region, 0, guider, "mask")
+    return s
+
+
+WORKFLOWS_BUILT = {f().name: f for f in (t2v_object, camera, save_motion, load_motion, i2v, long_video, region)}
 
 
 def build(names: list[str] | None = None) -> list[Path]:
