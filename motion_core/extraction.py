@@ -71,10 +71,7 @@ def extract_sparse_motion(
             "model_fingerprint": model_fingerprint(model)}
     if windows is None:
         probs = _record(model, x, sigma, context, layers, control)
-        motion = SparseMotion.from_probs(probs, frames=frames, **made)
-        motion.masks = masks
-        motion.__post_init__()  # checks the masks against the tensors
-        return motion
+        return SparseMotion.from_probs(probs, frames=frames, masks=masks, **made)
     if control is not None:
         raise ValueError("an image condition at extraction is not supported with context windows yet: extract "
                          "without it, or without context windows")

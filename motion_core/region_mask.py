@@ -167,6 +167,12 @@ class RegionGuide:
                 continue
             pos = source_positions(src if targets is not None else None, tgt, grid)
             rows = tgt if src is None else tgt & torch.gather(src, 0, pos)
+            if not bool(rows.any()):  # else the loss would be 0 / 0
+                raise RegionMaskError(
+                    f"at layer {name} every position of the target mask maps onto a position the reference mask "
+                    "left out (the two regions are aligned by their bounding boxes, and the reference region does "
+                    "not fill its box where the target region lies): use a filled reference mask or another "
+                    "target mask")
             self.rows[name], self.source[name], self.outside[name] = rows, pos, ~tgt
             if self.latent is None:
                 self.latent = latent_region(target_mask, tgt, grid, motion.latent_height, motion.latent_width)

@@ -125,8 +125,10 @@ class SparseMotion:
         timestep: int,
         model_fingerprint: str = "",
         extra: dict[str, str] | None = None,
+        masks: dict[str, torch.Tensor] | None = None,
     ) -> SparseMotion:
-        """Keep the top-k entries of each row of attention probabilities [S, heads, F, F] (layer order kept)."""
+        """Keep the top-k entries of each row of attention probabilities [S, heads, F, F] (layer order kept);
+        `masks`: per layer, bool [S, F], the rows of a region mask (region_mask.token_masks)."""
         if not probs:
             raise ValueError("No attention probabilities given: no guided layer was recorded")
         if frames > MAX_FRAMES:
@@ -143,7 +145,7 @@ class SparseMotion:
             indices[name] = idx.to(torch.uint8).contiguous()
         return cls(values=values, indices=indices, frames=frames, latent_height=latent_height,
                    latent_width=latent_width, layers=list(probs), timestep=int(timestep), top_k=top_k,
-                   model_fingerprint=model_fingerprint, extra=dict(extra or {}))
+                   model_fingerprint=model_fingerprint, extra=dict(extra or {}), masks=dict(masks or {}))
 
     # --- properties ---------------------------------------------------------------------------
 

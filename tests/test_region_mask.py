@@ -31,12 +31,8 @@ LAYER = "up_blocks.1.attentions.0.transformer_blocks.0"
 def random_motion(frames: int = 4, grid: int = 4, heads: int = 2, seed: int = 0, masks=None) -> SparseMotion:
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn(grid * grid, heads, frames, frames, generator=g), -1)
-    motion = SparseMotion.from_probs({LAYER: probs}, frames=frames, latent_height=grid * 4, latent_width=grid * 4,
-                                     timestep=400, top_k=2)
-    if masks is not None:
-        motion.masks = {LAYER: masks}
-        motion.__post_init__()
-    return motion
+    return SparseMotion.from_probs({LAYER: probs}, frames=frames, latent_height=grid * 4, latent_width=grid * 4,
+                                   timestep=400, top_k=2, masks=None if masks is None else {LAYER: masks})
 
 
 def half(frames: int, height: int, width: int, left: bool = True) -> torch.Tensor:
@@ -126,6 +122,20 @@ def test_a_source_region_counts_only_target_rows_whose_source_is_inside():
     guide = RegionGuide(motion, normalize_mask(target, frames, 16, 16))
     assert guide.rows[LAYER].sum() == 4 * frames
     assert guide.source[LAYER].reshape(4, 4, frames)[2, 2, 0] == 0
+
+
+def test_a_target_that_maps_only_onto_positions_the_reference_left_out_is_refused():
+    # Reference region: the top-left and bottom-right tokens; target: the other two corners. Same bounding box,
+    # so each target row maps onto itself, where the reference kept no motion: nothing would be counted.
+    frames = 2
+    src = torch.zeros(16, frames, dtype=torch.bool)
+    src.reshape(4, 4, frames)[0, 0] = src.reshape(4, 4, frames)[3, 3] = True
+    target = torch.zeros(frames, 64, 64)
+    target[:, 0:16, 48:64] = target[:, 48:64, 0:16] = 1.0
+    with pytest.raises(RegionMaskError, match="maps onto a position the reference mask left out"):
+        RegionGuide(random_motion(frames, masks=src), normalize_mask(target, frames, 16, 16))
+    target[:, 0:16, 0:16] = 1.0  # one target corner on the reference's: that row counts
+    assert RegionGuide(random_motion(frames, masks=src), normalize_mask(target, frames, 16, 16)).rows[LAYER].sum() == 2
 
 
 def test_keep_still_pulls_only_the_rows_outside_toward_their_own_frame():
