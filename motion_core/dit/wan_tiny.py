@@ -1,0 +1,69 @@
+"""A tiny Wan 2.1 T2V built from ComfyUI's own `comfy.ldm.wan.model.WanModel`, with seeded random weights.
+
+Same architecture as Wan 2.1 T2V (patch (1, 2, 2), 16 latent channels, 3D RoPE, RMS-normed q/k,
+text cross-attention), tiny widths: dim 48, 3 heads (head width 16, RoPE split [8, 4, 4] for time,
+row, column), 4 blocks. A latent [1, 16, 3, 8, 12] (token grid 3 x 4 x 6) runs in milliseconds on a
+CPU. The constructor call is the same in ComfyUI 0.3.75 and 0.33. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..tiny_models import init_weights_
+
+# Wan 2.1 T2V 1.3B is dim 1536, 12 heads, ffn 8960, freq_dim 256, text_dim 4096 (umT5-XXL), 30 blocks.
+TINY_WAN_CONFIG: dict[str, Any] = {
+    "model_type": "t2v",
+    "patch_size": (1, 2, 2),
+    "text_len": 512,
+    "in_dim": 16,
+    "dim": 48,
+    "ffn_dim": 64,
+    "freq_dim": 32,
+    "text_dim": 32,
+    "out_dim": 16,
+    "num_heads": 3,
+    "num_layers": 4,
+    "qk_norm": True,
+    "cross_attn_norm": True,
+    "eps": 1e-6,
+}
+
+
+def build_tiny_wan(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """The bare diffusion model (`WanModel`, eval mode, float32, CPU); `overrides` change TINY_WAN_CONFIG entries.
+
+    manual_cast ops, as ComfyUI uses when weights and compute dtypes may differ; they skip weight init,
+    so every parameter is filled from `seed` (`tiny_models.init_weights_`).
+    """
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    config = {**TINY_WAN_CONFIG, **overrides}
+    with torch.inference_mode(False):  # weights usable under autograd even if built inside a ComfyUI node
+        model = comfy.ldm.wan.model.WanModel(
+            **config, device=torch.device("cpu"), dtype=torch.float32, operations=comfy.ops.manual_cast
+        )
+        init_weights_(model, seed)
+    return model.eval()
+
+
+def tiny_wan_inputs(
+    frames: int = 3,
+    height: int = 8,
+    width: int = 12,
+    *,
+    batch: int = 1,
+    text_tokens: int = 7,
+    text_dim: int = TINY_WAN_CONFIG["text_dim"],
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent [B, 16, T', H', W'], timestep [B] in 0..1000, context [B, L, text_dim]), seeded random."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, TINY_WAN_CONFIG["in_dim"], frames, height, width, generator=gen)
+    timestep = torch.full((batch,), 900.0)
+    context = torch.randn(batch, text_tokens, text_dim, generator=gen)
+    return x, timestep, context
