@@ -32,11 +32,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .attention_capture import CaptureState, StopForward
-from .checkpointing import checkpointed_blocks
+from .checkpointing import checkpointed, checkpointed_blocks, checkpointed_motion_module
 from .context_windows import running_frames
 from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .errors import MotionCloneError
@@ -458,10 +459,12 @@ class MotionGuidance:
         order += [f"output_blocks.{i}" for i in range(len(unet.output_blocks))]
         last = max(order.index(slots[name]) for name in guided_modules if name in slots)
 
-        def keep(layer) -> bool:
+        def how(layer):
             if isinstance(layer, MotionModuleLayer):
-                return layer.name in guided_modules
-            return not isinstance(layer, ResBlock | SpatialTransformer)
+                return None if layer.name in guided_modules else checkpointed_motion_module
+            if isinstance(layer, ResBlock | SpatialTransformer):  # one batch item per frame
+                return partial(checkpointed, sliced=True)
+            return None
 
         return checkpointed_blocks(lambda path: model.get_model_object(f"diffusion_model.{path}"),
-                                   order[: last + 1], keep)
+                                   order[: last + 1], how)
