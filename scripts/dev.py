@@ -408,6 +408,29 @@ def _junit_counts(path: Path) -> dict[str, int]:
     return counts
 
 
+def test_workers() -> int:
+    """pytest-xdist workers: one per core, at most 2 (MOTIONCLONE_TEST_WORKERS overrides): each test
+    runs single-threaded, and two of the full-size tests side by side already take ~18 GB."""
+    if os.environ.get("MOTIONCLONE_TEST_WORKERS"):
+        return max(1, int(os.environ["MOTIONCLONE_TEST_WORKERS"]))
+    return max(1, min(os.cpu_count() or 1, 2))
+
+
+def pytest_defaults(args: list[str], *, first_host: bool) -> list[str]:
+    """What `test` adds unless the caller's own pytest arguments say otherwise:
+    * test files spread over `test_workers()` processes (a file stays on one worker: its module
+      fixtures, e.g. a server, are built once);
+    * on every host after the first, `-m "not single_host"`: tests marked `single_host` measure the
+      method on a tiny model (the same torch code on every host), so one host's run is the figure."""
+    extra: list[str] = []
+    workers = test_workers()
+    if workers > 1 and not any(a.startswith(("-n", "--numprocesses")) or a.endswith("no:xdist") for a in args):
+        extra += ["-n", str(workers), "--dist", "loadfile"]
+    if not first_host and not any(a == "-m" or a.startswith("-m") for a in args):
+        extra += ["-m", "not single_host"]
+    return extra
+
+
 def cmd_test(args: list[str]) -> int:
     hosts = [setup(h) for h in chosen_hosts(all_defaults=True)]
     ensure_chromium()
@@ -417,7 +440,7 @@ def cmd_test(args: list[str]) -> int:
         log("ruff found problems (above); the suite does not run until they are fixed")
         return code
     results = []
-    for host in hosts:
+    for index, host in enumerate(hosts):
         log(f"=== test suite on {host.label} ===")
         junit = host.home / "junit.xml"
         junit.unlink(missing_ok=True)
@@ -426,8 +449,8 @@ def cmd_test(args: list[str]) -> int:
         # sys.path, where our `nodes/` package would shadow ComfyUI's `nodes` module.
         env = host_env(host)
         env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: more threads only thrash on a small machine
-        code = subprocess.run([host.venv / "bin" / "pytest", f"--junitxml={junit}", *args], cwd=ROOT,
-                              env=env).returncode
+        code = subprocess.run([host.venv / "bin" / "pytest", f"--junitxml={junit}",
+                               *pytest_defaults(args, first_host=index == 0), *args], cwd=ROOT, env=env).returncode
         results.append((host, code, _junit_counts(junit), time.monotonic() - t0))
     log("=== summary ===")
     for host, code, c, seconds in results:

@@ -49,3 +49,25 @@ def pytest_configure(config):
     import folder_paths
 
     folder_paths.set_temp_directory(tempfile.mkdtemp(prefix="motionclone-test-temp-"))
+
+
+# The slowest files, slowest first (measured with `--durations`): `dev.py test` spreads files over
+# workers in collection order (pytest-xdist --dist loadfile), so the long ones start first instead
+# of leaving one worker busy at the end.
+SLOW_FILES_FIRST = (
+    "test_long_video_server.py",
+    "test_demo_fidelity.py",
+    "test_motion_guidance.py",
+    "test_context_windows.py",
+    "test_guidance_memory.py",
+    "test_dev_commands.py",
+    "test_full_size.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: order within a file and among the rest is kept

@@ -18,11 +18,14 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 import torch
 from comfy_server import SCRIPTS
 
 sys.path.insert(0, str(SCRIPTS))
 import fidelity_eval as fe  # noqa: E402
+
+pytestmark = pytest.mark.single_host  # the method's effect on the demo model, host-independent
 
 DEMO_SETTINGS = fe.DemoSettings(steps=20, guided_steps=12, weight=1000.0)  # as demo_model/motionclone_demo_api.json
 

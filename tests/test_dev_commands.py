@@ -93,6 +93,19 @@ def test_only_the_test_command_installs_the_browser(monkeypatch, tmp_path):
     assert calls == ["chromium"]
 
 
+def test_the_test_command_spreads_files_and_runs_single_host_tests_once(monkeypatch):
+    dev = _dev_module()
+    monkeypatch.setenv("MOTIONCLONE_TEST_WORKERS", "2")
+    assert dev.pytest_defaults([], first_host=True) == ["-n", "2", "--dist", "loadfile"]
+    assert dev.pytest_defaults(["tests/x.py"], first_host=False) == ["-n", "2", "--dist", "loadfile",
+                                                                     "-m", "not single_host"]
+    # The caller's own choices win: workers, no xdist, a marker expression.
+    assert dev.pytest_defaults(["-n", "1"], first_host=True) == []
+    assert dev.pytest_defaults(["-p", "no:xdist", "-m", "server"], first_host=False) == []
+    monkeypatch.setenv("MOTIONCLONE_TEST_WORKERS", "1")
+    assert dev.pytest_defaults([], first_host=False) == ["-m", "not single_host"]
+
+
 def test_our_hosts_are_recognised_by_their_path():
     dev = _dev_module()
     comfyui = Path(os.environ["COMFYUI_PATH"]).resolve()

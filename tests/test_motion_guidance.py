@@ -152,6 +152,7 @@ def _sample(model, motion, context, weight, sampler="ddim", scheduler="ddim_unif
     return out, guidance
 
 
+@pytest.mark.single_host
 def test_guidance_pulls_attention_toward_the_motion(model, motion, context):
     # A weight of 1e-9 measures the loss along the unguided trajectory without changing it.
     _, unguided = _sample(model, motion, context, 1e-9)
