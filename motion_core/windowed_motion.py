@@ -120,14 +120,18 @@ def _span(frames: tuple[int, ...]) -> str:
     return f"[{frames[0]}..{frames[-1]}]" if contiguous else str(list(frames))
 
 
-def load_motion(path: str | os.PathLike) -> SparseMotion | WindowedMotion:
-    """A MOTION file of either kind (plain, version 1; windowed, version 2)."""
+def load_motion(path: str | os.PathLike):
+    """A MOTION file of any kind (plain, version 1 or 3 with masks; windowed, version 2; Wan, version 4)."""
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
     except SafetensorError as e:
         raise MotionFileError(f"{path} is not a MotionClone motion file (not a readable safetensors file: {e})") from e
+    from .dit.wan_motion import WanMotion, is_wan_motion_file
+
+    if is_wan_motion_file(meta):
+        return WanMotion.load(path)
     if meta.get("format") != FORMAT_NAME or meta.get("format_version") != str(WINDOWED_FORMAT_VERSION):
         return SparseMotion.load(path)
     try:

@@ -8,6 +8,14 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
+from ..motion_core.dit.wan_motion import (
+    WanMotion,
+    extract_wan_motion,
+    is_wan_model,
+    latent_frames_of_video,
+    parse_blocks,
+    wan_fingerprint,
+)
 from ..motion_core.extraction import extract_sparse_motion, model_fingerprint
 from ..motion_core.guided_sampling import GuidanceSettings, MotionGuidance, attention_layers_of, select_layers
 from ..motion_core.loss_plot import as_comfy_image, draw_loss_plot
@@ -49,11 +57,25 @@ def _guidance_inputs() -> list:
     ]
 
 
+def check_family(model, motion) -> None:
+    """A MOTION guides only the model family it was extracted from (clear errors both ways)."""
+    if isinstance(motion, WanMotion):
+        if not is_wan_model(model):
+            raise ValueError("MotionClone: this MOTION was extracted from a Wan model (family wan2.1); it cannot guide "
+                             "this model. Extract the motion with the model you sample with.")
+        raise ValueError("MotionClone: guided sampling of Wan models is not in this version yet; a Wan MOTION can be "
+                         "extracted, saved and loaded (docs/wan.md). Sample Wan with the core sampler for now.")
+    if is_wan_model(model):
+        raise ValueError("MotionClone: this MOTION was extracted from an SD1.5 / AnimateDiff model; it cannot guide a "
+                         "Wan model. Extract the motion with the Wan model (Extract Sparse Motion accepts it).")
+
+
 def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guided_steps, noisy_fraction, warmup,
               cooldown, gradient_every: int = 1, mask=None, keep_still_weight: float = 0.0) -> MotionGuidance:
     require_finite("MotionClone", guidance_weight=weight, noisy_fraction=noisy_fraction,
                    keep_still_weight=keep_still_weight)
     samples = latent["samples"]
+    check_family(model, motion)
     motion.check_compatible(samples.shape[0], samples.shape[-2], samples.shape[-1], attention_layers_of(model))
     if motion.model_fingerprint and motion.model_fingerprint != model_fingerprint(model):
         logging.warning("MotionClone: MOTION was extracted with %s, sampling with %s",
@@ -75,7 +97,8 @@ class ExtractSparseMotion(io.ComfyNode):
             description="Records the reference video's temporal attention at one noisy timestep and keeps the "
                         "top-k entries of each row: MotionClone's motion representation. A MODEL with core context "
                         "windows (Context Windows (Manual), standard_static) and a longer video: per window, with "
-                        "the windows the sampler will use (long videos).",
+                        "the windows the sampler will use (long videos). A native Wan 2.1 MODEL: the reference's "
+                        "attention motion flow (layers: Wan blocks, e.g. 14; see docs/wan.md).",
             inputs=[
                 io.Model.Input("model", tooltip="MODEL with AnimateDiff motion modules."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes the reference frames (not needed for a LATENT)."),
@@ -105,6 +128,9 @@ class ExtractSparseMotion(io.ComfyNode):
     @classmethod
     def execute(cls, model, timestep, seed, top_k, layers, vae=None, images=None, latent=None, positive=None,
                 clip=None, image_condition=None, mask=None) -> io.NodeOutput:
+        if is_wan_model(model):
+            return io.NodeOutput(_extract_wan(model, timestep, seed, layers, vae, images, latent, positive, clip,
+                                              image_condition, mask))
         chosen = select_layers(attention_layers_of(model), layers)
         if latent is not None:
             latents = latent["samples"]
@@ -273,6 +299,36 @@ class MotionCloneUnevenSchedule(io.ComfyNode):
         timesteps = torch.tensor(uneven_timesteps(steps, guided_steps, noisy_fraction), dtype=torch.float32)
         sigmas = model.get_model_object("model_sampling").sigma(timesteps)
         return io.NodeOutput(torch.cat([sigmas, sigmas.new_zeros([1])]))
+
+
+def _extract_wan(model, timestep, seed, layers, vae, images, latent, positive, clip, image_condition,
+                 mask) -> WanMotion:
+    """Extract Sparse Motion on a native Wan MODEL: the reference's attention motion flow (docs/wan.md)."""
+    if image_condition is not None or mask is not None:
+        raise ValueError("Extract Sparse Motion: image_condition and mask are not supported on Wan models yet")
+    if latent is not None:
+        latents = latent["samples"]
+    elif images is not None:
+        if vae is None:
+            raise ValueError("Extract Sparse Motion: connect Wan's VAE to encode the reference images")
+        latent_frames_of_video(images.shape[0])  # refuses frame counts Wan's VAE cannot map, before encoding
+        latents = vae.encode(images[:, :, :, :3])
+    else:
+        raise ValueError("Extract Sparse Motion: connect reference images (with Wan's VAE) or a latent")
+    if latents.ndim != 5 or latents.shape[0] != 1:
+        raise ValueError(f"Extract Sparse Motion: a Wan model needs a video latent [1, 16, T, H, W] (Wan's VAE); got "
+                         f"{tuple(latents.shape)}. Is the VAE an image VAE?")
+    if latents.shape[2] < 2:
+        raise ValueError("Extract Sparse Motion: a video needs at least 2 latent frames (5 video frames) on Wan")
+    if positive is None:
+        if clip is None:
+            raise ValueError("Extract Sparse Motion: connect a positive conditioning, or a CLIP to encode ''")
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    blocks = model.model.diffusion_model.blocks
+    # The widget's SD default names an SD layer; on Wan it means the default block.
+    blocks = parse_blocks("auto" if layers.strip() == "up_blocks.1" else layers, len(blocks))
+    return extract_wan_motion(model, latents, positive[0][0], blocks, sigma=timestep / 1000.0, seed=seed,
+                              model_fingerprint=wan_fingerprint(model))
 
 
 class SaveMotion(io.ComfyNode):

@@ -67,3 +67,22 @@ def tiny_wan_inputs(
     timestep = torch.full((batch,), 900.0)
     context = torch.randn(batch, text_tokens, text_dim, generator=gen)
     return x, timestep, context
+
+
+def build_tiny_wan_model(seed: int = 0, **overrides: Any):
+    """The same tiny Wan as a ComfyUI MODEL: a ModelPatcher around `comfy.model_base.WAN21` with the
+    WAN21_T2V config (flow matching, shift 8, Wan21 latent format), as the core loaders build it."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = {"image_model": "wan2.1", **TINY_WAN_CONFIG, **overrides}
+    model_config = comfy.supported_models.WAN21_T2V(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode(False):
+        model = comfy.model_base.WAN21(model_config, device=torch.device("cpu"))
+        init_weights_(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
