@@ -8,6 +8,7 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
+from ..motion_core.dit.wan_guidance import WanGuidanceSettings, WanMotionGuidance
 from ..motion_core.dit.wan_motion import (
     WanMotion,
     extract_wan_motion,
@@ -27,13 +28,15 @@ from .validation import numbers_valid, require_finite
 
 Motion = io.Custom("MOTION")
 MOTION_SUFFIX = ".motion.safetensors"
+WAN_STEP_PER_WEIGHT = 1e-6  # on Wan, guidance_weight 2000 = Adam step 0.002 (DiTFlow's)
 
 
 def _guidance_inputs() -> list:
     return [
         Motion.Input("motion", tooltip="Sparse motion from Extract Sparse Motion or Load Motion."),
         io.Float.Input("guidance_weight", default=2000.0, min=0.0, max=1e6, step=10.0,
-                       tooltip="w in L = w * sum of MSE. 0 disables guidance (output equals KSampler's)."),
+                       tooltip="w in L = w * sum of MSE. 0 disables guidance (output equals KSampler's). On a Wan "
+                               "model: the step size of the latent's optimisation in millionths (2000 = 0.002)."),
         io.Int.Input("guided_steps", default=0, min=0, max=10000,
                      tooltip="Guide the first N steps; 0 = every step whose timestep is >= (1 - r) * 1000."),
         io.Float.Input("noisy_fraction", default=0.4, min=0.01, max=1.0, step=0.01,
@@ -63,11 +66,21 @@ def check_family(model, motion) -> None:
         if not is_wan_model(model):
             raise ValueError("MotionClone: this MOTION was extracted from a Wan model (family wan2.1); it cannot guide "
                              "this model. Extract the motion with the model you sample with.")
-        raise ValueError("MotionClone: guided sampling of Wan models is not in this version yet; a Wan MOTION can be "
-                         "extracted, saved and loaded (docs/wan.md). Sample Wan with the core sampler for now.")
+        return
     if is_wan_model(model):
         raise ValueError("MotionClone: this MOTION was extracted from an SD1.5 / AnimateDiff model; it cannot guide a "
                          "Wan model. Extract the motion with the Wan model (Extract Sparse Motion accepts it).")
+
+
+def _wan_guidance(motion: WanMotion, samples, weight, guided_steps, noisy_fraction, gradient_every, mask,
+                  keep_still_weight) -> WanMotionGuidance:
+    """On Wan the weight is read as the Adam step size on the latent, in millionths (docs/wan.md)."""
+    if mask is not None or keep_still_weight:
+        raise ValueError("MotionClone on Wan: mask and keep_still_weight are not supported yet")
+    motion.check_compatible(samples.shape)
+    return WanMotionGuidance(motion, WanGuidanceSettings(step_size=weight * WAN_STEP_PER_WEIGHT,
+                                                         guided_steps=guided_steps, noisy_fraction=noisy_fraction,
+                                                         gradient_every=gradient_every))
 
 
 def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guided_steps, noisy_fraction, warmup,
@@ -76,6 +89,9 @@ def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guid
                    keep_still_weight=keep_still_weight)
     samples = latent["samples"]
     check_family(model, motion)
+    if isinstance(motion, WanMotion):
+        return _wan_guidance(motion, samples, weight, guided_steps, noisy_fraction, gradient_every, mask,
+                             keep_still_weight)
     motion.check_compatible(samples.shape[0], samples.shape[-2], samples.shape[-1], attention_layers_of(model))
     if motion.model_fingerprint and motion.model_fingerprint != model_fingerprint(model):
         logging.warning("MotionClone: MOTION was extracted with %s, sampling with %s",

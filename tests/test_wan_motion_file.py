@@ -101,8 +101,9 @@ def test_a_motion_of_one_family_is_refused_by_the_other(wan):
     with pytest.raises(ValueError, match="extracted from a Wan model"):
         MotionGuidedSampler.execute(build_tiny_sd15_model(0), latent_image={"samples": torch.zeros(4, 4, 16, 16)},
                                     motion=wan_motion, **args)
-    with pytest.raises(ValueError, match="not in this version yet"):
-        MotionGuidedSampler.execute(wan, latent_image={"samples": torch.zeros(*LATENT)}, motion=wan_motion, **args)
+    with pytest.raises(MotionMismatchError, match="9-frame 64x96 Wan video"):
+        MotionGuidedSampler.execute(wan, latent_image={"samples": torch.zeros(1, 16, 5, 8, 12)}, motion=wan_motion,
+                                    **args)
 
 
 def test_bad_wan_references_are_refused_clearly(wan):

@@ -1,0 +1,188 @@
+"""Guided sampling of a native Wan model with a Wan MOTION: the latent optimised on a high-sigma prefix.
+
+The update the method notes recommend (dit-motion-transfer-method.md, 4.5), as DiTFlow's default
+`latent` mode: at each guided step the sampler state x is copied to a float32 leaf and a fresh Adam
+takes `iterations` steps on it against the attention-motion-flow loss (conditional branch only, the
+forward stopped right after the guided block's self-attention); the CFG denoiser is then evaluated at
+the optimised x and one Euler step is taken. The step size falls linearly from `step_size` to half of
+it over the guided steps (DiTFlow: 0.002 -> 0.001). With `gradient_every` = k the gradient is
+computed on iterations 0, k, 2k, ... and reused in between (FastVMT).
+
+It runs inside a SAMPLER_SAMPLE wrapper: the guided prefix is sampled here, then the user's sampler
+(unchanged) runs the remaining sigmas from the state reached (noise = x / sigma_G, latent 0: CONST
+rebuilds x). Off (step size 0) installs nothing, so the core sampler runs bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..inference_tensors import normal_tensors_for_grad
+from .amf import amf_loss, soft_amf
+from .wan_capture import capture_qk
+from .wan_motion import WanMotion, wan_diffusion_model
+
+WRAPPER_KEY = "motionclone_wan_guidance"
+DITFLOW_STEP_SIZE = 0.002  # DiTFlow's learning rate at the first guided step
+DITFLOW_ITERATIONS = 5
+DITFLOW_FRACTION = 0.2  # DiTFlow guides the first 10 of 50 steps
+
+
+@dataclass(frozen=True)
+class WanGuidanceSettings:
+    step_size: float = DITFLOW_STEP_SIZE
+    iterations: int = DITFLOW_ITERATIONS
+    guided_steps: int = 0  # 0: the steps whose unshifted time is above 1 - noisy_fraction
+    noisy_fraction: float = DITFLOW_FRACTION
+    gradient_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.step_size) and self.step_size >= 0):
+            raise ValueError(f"Wan guidance step size must be finite and >= 0, got {self.step_size}")
+        if self.iterations < 1 or self.gradient_every < 1 or self.guided_steps < 0:
+            raise ValueError("iterations and gradient_every must be >= 1, guided_steps >= 0")
+        if not 0 < self.noisy_fraction <= 1:
+            raise ValueError(f"noisy_fraction must be in (0, 1], got {self.noisy_fraction}")
+
+
+def unshifted_time(sigma: float, shift: float) -> float:
+    """t with sigma = shift * t / (1 + (shift - 1) * t) (ComfyUI's flow shift): the schedule's own time axis."""
+    return sigma / (shift - (shift - 1.0) * sigma)
+
+
+def guided_count(sigmas: torch.Tensor, settings: WanGuidanceSettings, shift: float) -> int:
+    """How many of the first steps are guided: `guided_steps`, or those whose unshifted time t > 1 - r
+    (a sigma band: 10 of 50 'simple' steps at r = 0.2 whatever the shift)."""
+    steps = len(sigmas) - 1
+    if settings.guided_steps:
+        return min(settings.guided_steps, steps)
+    edge = 1.0 - settings.noisy_fraction + 1e-6
+    return sum(1 for s in sigmas[:-1].tolist() if unshifted_time(s, shift) > edge)
+
+
+class WanMotionGuidance:
+    """Wan guidance for one sampling run; `patch(model)` returns a clone carrying the sampler wrapper."""
+
+    def __init__(self, motion: WanMotion, settings: WanGuidanceSettings) -> None:
+        self.motion = motion
+        self.settings = settings
+        self.losses: list[tuple[int, int, float]] = []  # (guided step, iteration, loss before that iteration)
+
+    # --- the loss (also used to measure any latent, e.g. an unguided run's) ----------------------
+
+    def motion_loss(self, model, x: torch.Tensor, sigma: float, context: torch.Tensor,
+                    transformer_options: dict | None = None) -> torch.Tensor:
+        """AMF loss of sampler state x [B, 16, T', H', W'] at `sigma`, summed over the MOTION's blocks (a graph
+        to x when grad is on). `model`: the MODEL's BaseModel (model_base.WAN21)."""
+        diffusion_model = model.diffusion_model
+        sampling = model.model_sampling
+        dtype = model.get_dtype()
+        s = torch.full((x.shape[0],), float(sigma), device=x.device)
+        xin = sampling.calculate_input(s, x).to(dtype)
+        timestep = sampling.timestep(s).to(dtype)
+        context = context.to(x.device, dtype)
+        if context.is_inference() and torch.is_grad_enabled():  # made in ComfyUI's inference_mode: a normal copy
+            with torch.inference_mode(False):
+                context = context.clone()
+        if context.shape[0] != x.shape[0]:
+            context = context[:1].expand(x.shape[0], *context.shape[1:])
+        total = x.new_zeros(())
+        for block in self.motion.blocks:
+            state = capture_qk(diffusion_model, xin, timestep, context, block, stop_after=True,
+                               transformer_options=transformer_options)
+            flow = soft_amf(state.q, state.k, self.motion.grid, self.motion.pairs, tau=self.motion.tau)
+            total = total + amf_loss(flow, self.motion.flows[block])
+        return total / len(self.motion.blocks)
+
+    def _optimise(self, model, x: torch.Tensor, sigma: float, context: torch.Tensor, step: int, guided: int,
+                  transformer_options: dict) -> torch.Tensor:
+        scale = 1.0 - 0.5 * step / max(guided - 1, 1)  # DiTFlow: linspace(0.002, 0.001) over the guided steps
+        normal_tensors_for_grad(model.diffusion_model, x.device)
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = x.detach().to(torch.float32).clone().requires_grad_(True)
+            adam = torch.optim.Adam([leaf], lr=self.settings.step_size * scale)
+            cached = None
+            for it in range(self.settings.iterations):
+                if it % self.settings.gradient_every == 0:
+                    adam.zero_grad(set_to_none=True)
+                    loss = self.motion_loss(model, leaf, sigma, context, transformer_options)
+                    loss.backward()
+                    cached = leaf.grad.detach().clone()
+                    self.losses.append((step, it, float(loss.detach())))
+                else:  # FastVMT's reuse: Adam steps again on the last computed gradient
+                    leaf.grad = cached.clone()
+                adam.step()
+            return leaf.detach().to(x.dtype)
+
+    # --- the sampler wrapper ------------------------------------------------------------------------
+
+    def _sample(self, executor, guider, sigmas: torch.Tensor, extra_args: dict, callback: Callable | None,
+                noise: torch.Tensor, latent_image: torch.Tensor | None = None, denoise_mask=None,
+                disable_pbar: bool = False):
+        import comfy.model_management
+        import comfy.samplers
+
+        model = guider.inner_model
+        sampling = model.model_sampling
+        guided = guided_count(sigmas, self.settings, float(getattr(sampling, "shift", 1.0)))
+        if guided == 0:
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        if denoise_mask is not None:
+            raise ValueError("MotionClone on Wan: a noise mask (inpainting) is not supported with guidance")
+        self.motion.check_compatible(noise.shape)
+        context = guider.conds["positive"][0]["model_conds"]["c_crossattn"].cond
+        options = dict(extra_args.get("model_options", {}).get("transformer_options", {}))
+        latent = torch.zeros_like(noise) if latent_image is None else latent_image
+        x = sampling.noise_scaling(sigmas[0], noise, latent)
+        denoiser = comfy.samplers.KSamplerX0Inpaint(guider, sigmas)
+        args = {**extra_args, "denoise_mask": None}
+        total = len(sigmas) - 1
+        for i in range(guided):  # progress and previews: the caller's callback, as its sampler would call it
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            x = self._optimise(model, x, float(sigma), context, i, guided, options)
+            with torch.no_grad():
+                denoised = denoiser(x, sigma * x.new_ones((x.shape[0],)), **args)
+                if callback is not None:
+                    callback(i, denoised, x, total)
+                # k-diffusion's Euler (to_d, then dt), operation for operation
+                x = denoised if float(sigma_next) == 0 else x + (x - denoised) / sigma * (sigma_next - sigma)
+        if guided == total:
+            return sampling.inverse_noise_scaling(sigmas[-1], x)
+        rest = sigmas[guided:]
+        scale = float(getattr(sampling, "noise_scale", 1.0))
+
+        def shifted(step, denoised, x_, _total):
+            if callback is not None:
+                callback(step + guided, denoised, x_, total)
+
+        return executor(guider, rest, extra_args, shifted, x / (rest[0] * scale), torch.zeros_like(x), None,
+                        disable_pbar)
+
+    def patch(self, model):
+        """A clone of `model` whose sampling runs the guided prefix; the input MODEL is left as it is."""
+        import comfy.patcher_extension
+
+        if wan_diffusion_model(model) is None:
+            raise ValueError("Wan guidance needs a native Wan MODEL")
+        if getattr(getattr(model.model, "diffusion_model", None), "patch_embedding", None) is not None and \
+                model.model.diffusion_model.patch_embedding.weight.shape[1] != 16:
+            raise ValueError("MotionClone on Wan: image-to-video Wan models (extra input channels) are not supported "
+                             "yet; use a text-to-video Wan 2.1 model")
+        patched = model.clone()
+        if self.settings.step_size > 0:
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, self._sample)
+        return patched
+
+    # --- what the nodes report ----------------------------------------------------------------------
+
+    def loss_curve(self) -> list[tuple[int, float]]:
+        """The loss at each guided step's first iteration (before that step's optimisation)."""
+        return [(step, loss) for step, it, loss in self.losses if it == 0]
+
+    def window_curves(self) -> dict:
+        return {}

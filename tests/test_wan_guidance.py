@@ -1,0 +1,152 @@
+"""Wan phase 2b: guided sampling of a native Wan model with a Wan MOTION (tiny random-weight Wan).
+
+The guided prefix (Adam on the latent against the attention-motion-flow loss, then the CFG denoiser at
+the optimised latent and an Euler step) runs inside a SAMPLER_SAMPLE wrapper; the user's sampler runs the
+rest. Weight 0 is the core sampler bit for bit; with an optimisation too small to move a float32 latent
+the split run equals the unsplit one to float rounding; guidance lowers the motion loss at every guided
+step against the unguided run from the same seed (printed).
+"""
+
+from __future__ import annotations
+
+import comfy.sample
+import pytest
+import torch
+
+import nodes
+from motionclone.motion_core.dit.wan_guidance import (
+    WanGuidanceSettings,
+    WanMotionGuidance,
+    guided_count,
+    unshifted_time,
+)
+from motionclone.motion_core.dit.wan_tiny import build_tiny_wan_model
+from motionclone.nodes.motion_nodes import ExtractSparseMotion, MotionCloneGuider, MotionGuidedSampler
+
+LATENT = (1, 16, 3, 8, 12)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return build_tiny_wan_model(seed=0)
+
+
+def _cond(seed: int) -> list:
+    return [[torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+@pytest.fixture(scope="module")
+def motion(wan):
+    reference = torch.randn(*LATENT, generator=torch.Generator().manual_seed(1))
+    return ExtractSparseMotion.execute(wan, timestep=400, seed=5, top_k=1, layers="auto",
+                                       latent={"samples": reference}, positive=_cond(2)).result[0]
+
+
+def _sample(model, steps=6, callback=None, sampler="euler", scheduler="simple"):
+    latent = torch.zeros(*LATENT)
+    noise = comfy.sample.prepare_noise(latent, 7)
+    return comfy.sample.sample(model, noise, steps, 5.0, sampler, scheduler, _cond(3), _cond(4), latent,
+                               callback=callback, disable_pbar=True, seed=7)
+
+
+def test_the_guided_band_is_a_sigma_band():
+    # 'simple' at shift 8, 50 steps: t = 1 - i/50; r = 0.2 guides the first 10 steps (DiTFlow's 10 of 50).
+    shift, steps = 8.0, 50
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    sigmas = shift * t / (1 + (shift - 1) * t)
+    assert unshifted_time(float(sigmas[7]), shift) == pytest.approx(float(t[7]))
+    assert guided_count(sigmas, WanGuidanceSettings(noisy_fraction=0.2), shift) == 10
+    assert guided_count(sigmas, WanGuidanceSettings(noisy_fraction=0.4), shift) == 20
+    assert guided_count(sigmas, WanGuidanceSettings(guided_steps=3), shift) == 3
+    with pytest.raises(ValueError, match="step size"):
+        WanGuidanceSettings(step_size=float("nan"))
+
+
+def test_weight_zero_is_the_core_sampler_bit_for_bit(wan, motion):
+    latent = {"samples": torch.zeros(*LATENT)}
+    (core,) = nodes.common_ksampler(wan, 7, 4, 5.0, "euler", "simple", _cond(3), _cond(4), latent)
+    out = MotionGuidedSampler.execute(wan, 7, 4, 5.0, "euler", "simple", _cond(3), _cond(4), latent, 1.0, motion,
+                                      0.0, 0, 0.2, 0, 0).result[0]
+    assert torch.equal(out["samples"], core["samples"])
+
+
+def _guider(model):
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(_cond(3), _cond(4))
+    guider.set_cfg(5.0)
+    return guider
+
+
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc"])
+def test_the_guided_prefix_hands_its_state_to_the_users_sampler(wan, motion, sampler):
+    """A step far below float32 resolution leaves the latent as it is, so the guided run must equal: Euler over
+    the first G steps, then the user's sampler, unchanged, over the rest from the state reached."""
+    import comfy.samplers
+
+    g = 2
+    guidance = WanMotionGuidance(motion, WanGuidanceSettings(step_size=1e-30, guided_steps=g, iterations=1))
+    sampling = wan.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", 6)
+    latent = torch.zeros(*LATENT)
+    noise = comfy.sample.prepare_noise(latent, 7)
+    with torch.inference_mode():  # as ComfyUI runs a prompt
+        split = _guider(guidance.patch(wan)).sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas,
+                                                    seed=7, disable_pbar=True)
+        # By hand: core euler over sigmas[:G+1] (its output is the latent format's x_G / (1 - sigma_G)), then the
+        # sampler over sigmas[G:] from noise x_G / sigma_G on an empty latent.
+        base = wan.model
+        prefix = _guider(wan).sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas[:g + 1], seed=7,
+                                     disable_pbar=True)
+        x_g = base.process_latent_in(prefix) * (1 - sigmas[g])
+        by_hand = _guider(wan).sample(x_g / sigmas[g], latent, comfy.samplers.sampler_object(sampler), sigmas[g:],
+                                      seed=7, disable_pbar=True)
+        unsplit = _guider(wan).sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, seed=7,
+                                      disable_pbar=True)
+    assert len(guidance.loss_curve()) == g
+    torch.testing.assert_close(split, by_hand, rtol=1e-4, atol=1e-4)
+    if sampler == "euler":  # single-step: the split is invisible up to rounding
+        torch.testing.assert_close(split, unsplit, rtol=1e-4, atol=1e-4)
+    print(f"{sampler}: split vs unsplit run, largest difference {(split - unsplit).abs().max():.2e} "
+          f"(of {unsplit.abs().max():.2f}; a multistep sampler restarts at first order at sigma_G)")
+
+
+def test_guidance_lowers_the_motion_loss_at_every_guided_step(wan, motion):
+    guided_steps = 3
+    guidance = WanMotionGuidance(motion, WanGuidanceSettings(step_size=0.05, guided_steps=guided_steps))
+    states: dict[str, list[torch.Tensor]] = {"guided": [], "unguided": []}
+    _sample(guidance.patch(wan), callback=lambda i, x0, x, total: states["guided"].append(x.clone()))
+    _sample(wan, callback=lambda i, x0, x, total: states["unguided"].append(x.clone()))
+    sampling = wan.get_model_object("model_sampling")
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", 6)
+    with torch.no_grad():
+        for step in range(guided_steps):
+            losses = {kind: float(guidance.motion_loss(wan.model, states[kind][step], float(sigmas[step]),
+                                                        _cond(3)[0][0])) for kind in states}
+            print(f"step {step}: motion loss guided {losses['guided']:.4f}, unguided {losses['unguided']:.4f}")
+            assert losses["guided"] < losses["unguided"]
+    # Within a step the optimisation lowers the loss too (iteration 0 vs the next step's first).
+    curve = guidance.loss_curve()
+    assert [s for s, _ in curve] == list(range(guided_steps))
+
+
+def test_the_guider_carries_the_same_guidance(wan, motion):
+    latent = {"samples": torch.zeros(*LATENT)}
+    (guider,) = MotionCloneGuider.execute(wan, _cond(3), _cond(4), 5.0, latent, motion, 50000.0, 2, 0.2, 0,
+                                          0).result
+    import comfy.samplers
+
+    noise = comfy.sample.prepare_noise(latent["samples"], 7)
+    sigmas = torch.tensor([1.0, 0.9, 0.7, 0.0])
+    out = guider.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler"), sigmas, seed=7,
+                        disable_pbar=True)
+    plain = comfy.samplers.CFGGuider(wan)
+    plain.set_conds(_cond(3), _cond(4))
+    plain.set_cfg(5.0)
+    unguided = plain.sample(noise, latent["samples"], comfy.samplers.sampler_object("euler"), sigmas, seed=7,
+                            disable_pbar=True)
+    assert out.shape == unguided.shape and not torch.equal(out, unguided)
+    assert guider.model_patcher is not wan and not wan.wrappers  # the input MODEL is left as it was
