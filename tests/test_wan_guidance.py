@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nodes
+from motionclone.motion_core.dit.wan_capture import differentiable_kernels
 from motionclone.motion_core.dit.wan_guidance import (
     WanGuidanceSettings,
     WanMotionGuidance,
@@ -150,3 +151,28 @@ def test_the_guider_carries_the_same_guidance(wan, motion):
                             disable_pbar=True)
     assert out.shape == unguided.shape and not torch.equal(out, unguided)
     assert guider.model_patcher is not wan and not wan.wrappers  # the input MODEL is left as it was
+
+
+def test_checkpointed_blocks_give_the_same_gradient_with_a_lower_peak(motion):
+    from motionclone.motion_core.memory_estimate import peak_bytes
+
+    wan4 = build_tiny_wan_model(seed=0)
+    guidance = WanMotionGuidance(motion, WanGuidanceSettings())
+    base = wan4.model
+    x0 = torch.randn(*LATENT, generator=torch.Generator().manual_seed(9))
+    context = _cond(3)[0][0]
+    grads, peaks = {}, {}
+    for on in (False, True):
+        x = x0.clone().requires_grad_(True)
+
+        def step(on=on, x=x):
+            with differentiable_kernels():  # the recompute in backward must run the forward's kernels
+                guidance.motion_loss(base, x, 0.9, context, checkpointing=on).backward()
+
+        peaks[on] = peak_bytes(step, torch.device("cpu"))
+        grads[on] = x.grad
+    print(f"tiny Wan, guided block 2 of 4: peak of the loss's backward {peaks[False] / 2**10:.0f} KB kept, "
+          f"{peaks[True] / 2**10:.0f} KB with blocks 0-1 checkpointed")
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+    assert grads[True].abs().sum() > 0
+    assert peaks[True] < peaks[False]

@@ -11,6 +11,10 @@ computed on iterations 0, k, 2k, ... and reused in between (FastVMT).
 It runs inside a SAMPLER_SAMPLE wrapper: the guided prefix is sampled here, then the user's sampler
 (unchanged) runs the remaining sigmas from the state reached (noise = x / sigma_G, latent 0: CONST
 rebuilds x). Off (step size 0) installs nothing, so the core sampler runs bit for bit.
+
+Memory: the blocks before the guided one are checkpointed during the optimisation's forward (through
+Wan's own `patches_replace["dit"]` block hook): the backward keeps one [tokens, dim] input per block and
+recomputes one block at a time, instead of every block's attention and feed-forward activations.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.utils.checkpoint
 
 from ..inference_tensors import normal_tensors_for_grad
 from .amf import amf_loss, soft_amf
-from .wan_capture import capture_qk
+from .wan_capture import capture_qk, differentiable_kernels
 from .wan_motion import WanMotion, wan_diffusion_model
 
 WRAPPER_KEY = "motionclone_wan_guidance"
@@ -64,6 +70,36 @@ def guided_count(sigmas: torch.Tensor, settings: WanGuidanceSettings, shift: flo
     return sum(1 for s in sigmas[:-1].tolist() if unshifted_time(s, shift) > edge)
 
 
+def _checkpointed_block(diffusion_model: torch.nn.Module, index: int, args: dict, extra: dict) -> dict:
+    """A `patches_replace["dit"][("double_block", i)]` entry: the block keeps only its inputs and recomputes
+    itself in backward. The block is taken by index, not through `extra["original_block"]`: that closure
+    looks its block up when called, and in backward it would find the loop's last one. The transformer
+    options are frozen as they are now (the block loop changes them)."""
+    options = dict(args["transformer_options"])
+    block = diffusion_model.blocks[index]
+
+    def run(img, txt, vec, pe):
+        return block(img, e=vec, freqs=pe, context=txt, context_img_len=None, transformer_options=options)
+
+    img = torch.utils.checkpoint.checkpoint(run, args["img"], args["txt"], args["vec"], args["pe"],
+                                            use_reentrant=False, preserve_rng_state=False)
+    return {"img": img}
+
+
+def with_checkpointed_blocks(diffusion_model: torch.nn.Module, transformer_options: dict | None,
+                             blocks: range) -> dict:
+    """A copy of transformer_options in which the Wan blocks `blocks` are checkpointed (where no other
+    replace patch claims them); the caller's dicts are not modified. The backward must run where the
+    forward did as far as kernels go (`differentiable_kernels`): the recompute must repeat the forward."""
+    options = dict(transformer_options or {})
+    replace = {name: dict(entries) for name, entries in options.get("patches_replace", {}).items()}
+    dit = replace.setdefault("dit", {})
+    for i in blocks:
+        dit.setdefault(("double_block", i), partial(_checkpointed_block, diffusion_model, i))
+    options["patches_replace"] = replace
+    return options
+
+
 class WanMotionGuidance:
     """Wan guidance for one sampling run; `patch(model)` returns a clone carrying the sampler wrapper."""
 
@@ -75,9 +111,10 @@ class WanMotionGuidance:
     # --- the loss (also used to measure any latent, e.g. an unguided run's) ----------------------
 
     def motion_loss(self, model, x: torch.Tensor, sigma: float, context: torch.Tensor,
-                    transformer_options: dict | None = None) -> torch.Tensor:
-        """AMF loss of sampler state x [B, 16, T', H', W'] at `sigma`, summed over the MOTION's blocks (a graph
-        to x when grad is on). `model`: the MODEL's BaseModel (model_base.WAN21)."""
+                    transformer_options: dict | None = None, checkpointing: bool = True) -> torch.Tensor:
+        """AMF loss of sampler state x [B, 16, T', H', W'] at `sigma`, averaged over the MOTION's blocks (a graph
+        to x when grad is on). `model`: the MODEL's BaseModel (model_base.WAN21). `checkpointing` (with grad):
+        the blocks before a guided one keep only their inputs and are recomputed in backward."""
         diffusion_model = model.diffusion_model
         sampling = model.model_sampling
         dtype = model.get_dtype()
@@ -92,8 +129,11 @@ class WanMotionGuidance:
             context = context[:1].expand(x.shape[0], *context.shape[1:])
         total = x.new_zeros(())
         for block in self.motion.blocks:
+            options = transformer_options
+            if checkpointing and torch.is_grad_enabled():
+                options = with_checkpointed_blocks(diffusion_model, transformer_options, range(block))
             state = capture_qk(diffusion_model, xin, timestep, context, block, stop_after=True,
-                               transformer_options=transformer_options)
+                               transformer_options=options)
             flow = soft_amf(state.q, state.k, self.motion.grid, self.motion.pairs, tau=self.motion.tau)
             total = total + amf_loss(flow, self.motion.flows[block])
         return total / len(self.motion.blocks)
@@ -102,7 +142,8 @@ class WanMotionGuidance:
                   transformer_options: dict) -> torch.Tensor:
         scale = 1.0 - 0.5 * step / max(guided - 1, 1)  # DiTFlow: linspace(0.002, 0.001) over the guided steps
         normal_tensors_for_grad(model.diffusion_model, x.device)
-        with torch.inference_mode(False), torch.enable_grad():
+        # differentiable_kernels also around the backward: checkpointed blocks recompute there.
+        with torch.inference_mode(False), torch.enable_grad(), differentiable_kernels():
             leaf = x.detach().to(torch.float32).clone().requires_grad_(True)
             adam = torch.optim.Adam([leaf], lr=self.settings.step_size * scale)
             cached = None
