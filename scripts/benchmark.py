@@ -248,10 +248,12 @@ def bench_realscale(args: argparse.Namespace) -> None:
     gb = 1024**3
     print(f"realscale: full-size SD1.5 UNet + AnimateDiff v3 motion module (random weights, original key format), "
           f"{args.frames} frames, float32 on this CPU, {args.threads} thread(s), SDPA attention for every forward; "
-          "one step at t=999 (cfg 8.5, euler), guided layers up_blocks.1, weight 2000", flush=True)
+          "one step at t=999 (cfg 8.5, euler), guided layers up_blocks.1, weight 2000"
+          + (f", checkpointed layers in {args.chunks} batch slices" if args.chunks else ""), flush=True)
     summary = []
     for size in args.sizes:
-        rows = {mode: _subprocess_json("_realscale_worker", mode, str(size), str(args.frames), str(args.threads))
+        rows = {mode: _subprocess_json("_realscale_worker", mode, str(size), str(args.frames), str(args.threads),
+                                       str(args.chunks))
                 for mode in args.modes}
         plain = rows["plain"]
         print(f"{size} px: extraction (one partial forward) {plain['extract_s']:.1f} s", flush=True)
@@ -277,6 +279,45 @@ def bench_realscale(args: argparse.Namespace) -> None:
             print(f"  {n / gb:6.2f} GB  {100 * n / b['total']:4.1f} %  {kind}")
     for line in summary:
         print(line)
+
+
+def bench_wan(args: argparse.Namespace) -> None:
+    """Wan guidance at 1.3B's widths (a few random blocks): plain vs guided step, extraction, two token counts,
+    and the estimate for Wan 1.3B at 480x832x81 (scripts/wan_bench.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import wan_bench
+
+    print(f"wan: random native ComfyUI Wan, 1.3B widths (dim 1536, 12 heads, ffn 8960, 512 text tokens), "
+          f"{args.blocks} blocks (guided block {args.blocks // 2}), float32 on this CPU, {args.threads} thread(s); "
+          f"one euler step of 50 at cfg 5, guided: {args.iterations} Adam iterations then the CFG step", flush=True)
+    measured = []
+    for frames in args.frames:
+        rows = {mode: _subprocess_json("_wan_worker", mode, str(frames), str(args.height), str(args.width),
+                                       str(args.blocks), str(args.iterations), str(args.threads))
+                for mode in ("plain", "guided")}
+        plain, guided = rows["plain"], rows["guided"]
+        print(f"{frames} latent frames x {args.height}x{args.width} ({plain['tokens']} tokens): extraction "
+              f"{plain['extract_s']:.1f} s, peak {plain['extract_peak'] / 2**20:.0f} MB; plain step "
+              f"{plain['step_s']:.1f} s, peak {plain['peak_bytes'] / 2**20:.0f} MB; guided step "
+              f"{guided['step_s']:.1f} s "
+              f"({guided['step_s'] / plain['step_s']:.2f}x), peak {guided['peak_bytes'] / 2**20:.0f} MB "
+              f"({guided['peak_bytes'] / plain['peak_bytes']:.2f}x; one optimisation iteration alone "
+              f"{guided['iteration_peak'] / 2**20:.0f} MB)", flush=True)
+        measured.append(rows)
+    small, large = measured[0], measured[-1]
+    token_ratio = large["plain"]["tokens"] / small["plain"]["tokens"]
+    capture = large["plain"]["extract_peak"] / small["plain"]["extract_peak"]
+    print(f"tokens x{token_ratio:.2f}: extraction peak x{capture:.2f}, "
+          f"optimisation iteration peak x{large['guided']['iteration_peak'] / small['guided']['iteration_peak']:.2f} "
+          f"(a full attention map would grow x{token_ratio ** 2:.2f})")
+    e = wan_bench.estimate_13b(small, large, args.iterations)
+    print(f"estimate, Wan 1.3B at 480x832x81 ({e['tokens']} tokens): guided activations about "
+          f"{e['guided_activations_gb']:.1f} GB fp32 ({e['guided_activations_gb'] / 2:.1f} GB bf16) beside the "
+          f"weights; a guided step about {e['step_ratio']:.1f}x a plain step, 10 guided of 50 steps about "
+          f"{e['generation_ratio']:.2f}x the generation time")
+    print(f"wan: guided step {large['guided']['step_s'] / large['plain']['step_s']:.2f}x plain, peak "
+          f"{large['guided']['peak_bytes'] / large['plain']['peak_bytes']:.2f}x; capture peak x"
+          f"{large['plain']['extract_peak'] / small['plain']['extract_peak']:.2f} for tokens x{token_ratio:.2f}")
 
 
 def bench_reuse(args: argparse.Namespace) -> None:
@@ -411,13 +452,20 @@ def main(argv: list[str]) -> None:
         mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
         print(json.dumps(_guidance_worker(mode, frames, size, steps, threads)))
         return
+    if argv and argv[0] == "_wan_worker":
+        _bootstrap()
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import wan_bench
+
+        print(json.dumps(wan_bench.worker(argv[1], *map(int, argv[2:8]))))
+        return
     if argv and argv[0] in ("_realscale_worker", "_realscale_breakdown"):
         _bootstrap()
         sys.path.insert(0, str(ROOT / "scripts"))
         import realscale_bench
 
         if argv[0] == "_realscale_worker":
-            print(json.dumps(realscale_bench.worker(argv[1], *map(int, argv[2:5]))))
+            print(json.dumps(realscale_bench.worker(argv[1], *map(int, argv[2:6]))))
         else:
             print(json.dumps(realscale_bench.breakdown(*map(int, argv[1:4]))))
         return
@@ -459,7 +507,16 @@ def main(argv: list[str]) -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--modes", nargs="+", default=["plain", "guided", "guided_kept"],
                    help="plain, guided (checkpointed graph), guided_kept (the whole graph kept, no checkpointing)")
+    r.add_argument("--chunks", type=int, default=0,
+                   help="batch slices of the checkpointed layers (0: the pack's default, checkpointing.CHUNKS)")
     r.add_argument("--breakdown", type=int, default=256, help="size of the memory breakdown (0: none)")
+    w = sub.add_parser("wan", help="Wan at 1.3B widths: plain vs guided step, capture memory, 1.3B estimate")
+    w.add_argument("--frames", type=int, nargs=2, default=[3, 6], help="latent frames of the two sizes")
+    w.add_argument("--height", type=int, default=16, help="latent height (x8 pixels)")
+    w.add_argument("--width", type=int, default=32, help="latent width (x8 pixels)")
+    w.add_argument("--blocks", type=int, default=4)
+    w.add_argument("--iterations", type=int, default=5)
+    w.add_argument("--threads", type=int, default=2)
     m = sub.add_parser("region", help="demo model: region masks, the left half's motion into the left half")
     m.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
     m.add_argument("--frames", type=int, default=16)
@@ -478,7 +535,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     {"guidance": bench_guidance, "fidelity": bench_fidelity, "attention": bench_attention,
      "ceiling": bench_ceiling, "realscale": bench_realscale, "reuse": bench_reuse,
-     "region": bench_region}[args.cmd](args)
+     "region": bench_region, "wan": bench_wan}[args.cmd](args)
 
 
 if __name__ == "__main__":

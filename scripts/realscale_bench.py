@@ -49,11 +49,17 @@ def _inputs(size: int, frames: int):
     return context, latents
 
 
-def worker(mode: str, size: int, frames: int, threads: int) -> dict[str, Any]:
-    """One plain or guided sampling step at `size` px (the first step of a 300-step object-motion schedule)."""
+def worker(mode: str, size: int, frames: int, threads: int, chunks: int = 0) -> dict[str, Any]:
+    """One plain or guided sampling step at `size` px (the first step of a 300-step object-motion schedule);
+    `chunks` > 0 replaces the number of batch slices of checkpointed layers (checkpointing.CHUNKS)."""
     import comfy.sample
     import comfy.samplers
     import torch
+
+    from motionclone.motion_core import checkpointing
+
+    if chunks:
+        checkpointing.CHUNKS = chunks
 
     from motionclone.motion_core.extraction import extract_sparse_motion
     from motionclone.motion_core.guided_sampling import (
