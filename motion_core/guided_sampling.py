@@ -37,7 +37,7 @@ from functools import partial
 import torch
 
 from .attention_capture import CaptureState, StopForward
-from .checkpointing import checkpointed, checkpointed_blocks, checkpointed_motion_module
+from .checkpointing import checkpointed, checkpointed_blocks, checkpointed_motion_module, guided_motion_module
 from .context_windows import running_frames
 from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .errors import MotionCloneError
@@ -461,7 +461,7 @@ class MotionGuidance:
 
         def how(layer):
             if isinstance(layer, MotionModuleLayer):
-                return None if layer.name in guided_modules else checkpointed_motion_module
+                return guided_motion_module if layer.name in guided_modules else checkpointed_motion_module
             if isinstance(layer, ResBlock | SpatialTransformer):  # one batch item per frame
                 return partial(checkpointed, sliced=True)
             return None

@@ -271,6 +271,15 @@ def bench_realscale(args: argparse.Namespace) -> None:
             g = rows["guided"]
             summary.append(f"realscale {size}: time ratio {g['step_s'] / plain['step_s']:.2f}, memory ratio "
                            f"{g['peak_bytes'] / plain['peak_bytes']:.2f}")
+    if args.guided_breakdown:
+        b = _subprocess_json("_realscale_guided_breakdown", str(args.guided_breakdown), str(args.frames),
+                             str(args.threads))
+        total = sum(b["kept"].values())
+        print(f"where a checkpointed guided step's gradient memory goes at {b['size']} px: peak "
+              f"{b['peak'] / gb:.2f} GB = kept through the backward {total / gb:.2f} GB + the backward's transient "
+              f"{(b['peak'] - total) / gb:.2f} GB")
+        for kind, n in sorted(b["kept"].items(), key=lambda kv: -kv[1]):
+            print(f"  {n / gb:6.2f} GB  {100 * n / b['peak']:4.1f} %  {kind}")
     if args.breakdown:
         b = _subprocess_json("_realscale_breakdown", str(args.breakdown), str(args.frames), str(args.threads))
         print(f"what the graph-recording forward keeps without checkpointing at {b['size']} px "
@@ -459,13 +468,15 @@ def main(argv: list[str]) -> None:
 
         print(json.dumps(wan_bench.worker(argv[1], *map(int, argv[2:8]))))
         return
-    if argv and argv[0] in ("_realscale_worker", "_realscale_breakdown"):
+    if argv and argv[0] in ("_realscale_worker", "_realscale_breakdown", "_realscale_guided_breakdown"):
         _bootstrap()
         sys.path.insert(0, str(ROOT / "scripts"))
         import realscale_bench
 
         if argv[0] == "_realscale_worker":
             print(json.dumps(realscale_bench.worker(argv[1], *map(int, argv[2:6]))))
+        elif argv[0] == "_realscale_guided_breakdown":
+            print(json.dumps(realscale_bench.breakdown_guided(*map(int, argv[1:4]))))
         else:
             print(json.dumps(realscale_bench.breakdown(*map(int, argv[1:4]))))
         return
@@ -502,7 +513,8 @@ def main(argv: list[str]) -> None:
     u.add_argument("--threads", type=int, default=1)
     u.add_argument("--model-dir", default=None)
     r = sub.add_parser("realscale", help="full-size SD1.5 + v3: plain vs guided step time and peak memory")
-    r.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="video side in pixels")
+    r.add_argument("--sizes", type=int, nargs="*", default=[256, 512],
+                   help="video side in pixels (none: only the breakdowns)")
     r.add_argument("--frames", type=int, default=16)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--modes", nargs="+", default=["plain", "guided", "guided_kept"],
@@ -510,6 +522,8 @@ def main(argv: list[str]) -> None:
     r.add_argument("--chunks", type=int, default=0,
                    help="batch slices of the checkpointed layers (0: the pack's default, checkpointing.CHUNKS)")
     r.add_argument("--breakdown", type=int, default=256, help="size of the memory breakdown (0: none)")
+    r.add_argument("--guided-breakdown", type=int, default=0,
+                   help="size of the breakdown of a checkpointed guided step's gradient memory (0: none)")
     w = sub.add_parser("wan", help="Wan at 1.3B widths: plain vs guided step, capture memory, 1.3B estimate")
     w.add_argument("--frames", type=int, nargs=2, default=[3, 6], help="latent frames of the two sizes")
     w.add_argument("--height", type=int, default=16, help="latent height (x8 pixels)")

@@ -180,3 +180,94 @@ def breakdown(size: int, frames: int, threads: int) -> dict[str, Any]:
         for h in handles:
             h.remove()
     return {"size": size, "frames": frames, "by_kind": dict(by_kind), "total": sum(by_kind.values())}
+
+
+def breakdown_guided(size: int, frames: int, threads: int) -> dict[str, Any]:
+    """Where a checkpointed guided step's gradient memory goes: the inputs each checkpointed layer keeps for its
+    recompute (by layer kind and latent side), the tensors autograd saves outside any checkpoint (the guided
+    motion modules, which hand their attention maps to the loss, and the small layers left as they are), and
+    the peak of the forward and backward (memory_estimate.peak_bytes); peak minus kept is the backward's
+    transient (one slice's recompute and its gradients)."""
+    import torch
+
+    from motionclone.motion_core import checkpointing
+    from motionclone.motion_core.extraction import extract_sparse_motion
+    from motionclone.motion_core.guided_sampling import (
+        GuidanceSettings,
+        MotionGuidance,
+        attention_layers_of,
+        select_layers,
+    )
+    from motionclone.motion_core.injection import MotionModuleLayer
+
+    model = _model(threads)
+    context, latents = _inputs(size, frames)
+    layers = select_layers(attention_layers_of(model), "up_blocks.1")
+    motion = extract_sparse_motion(model, latents, context, layers, seed=0)
+    guidance = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=1, warmup=0, cooldown=0))
+    patched = guidance.patch(model)
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patched])
+    unet = patched.model.diffusion_model
+    weights = {t.untyped_storage().data_ptr() for t in [*unet.parameters(), *unet.buffers()]}
+    kept: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()
+
+    def in_backward() -> bool:  # what the backward's recomputes save is transient, not kept
+        return torch._C._current_graph_task_id() != -1
+
+    def tally(label: str, tensors) -> None:
+        if in_backward():
+            return
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.requires_grad or isinstance(t, torch.Tensor) and t.grad_fn:
+                key = t.untyped_storage().data_ptr()
+                if key and key not in weights and key not in seen:
+                    seen.add(key)
+                    kept[label] += t.untyped_storage().nbytes()
+
+    original = checkpointing._checkpoint
+
+    def recording(fn, *args, **kwargs):
+        owner = type(getattr(fn, "__self__", None)).__name__.replace("SliceCheckpointed", "").replace(
+            "Checkpointed", "")
+        x = args[0] if args else None
+        side = f" at {x.shape[-1]}x{x.shape[-2]}" if isinstance(x, torch.Tensor) and x.ndim == 4 else ""
+        tally(f"checkpoint inputs: {owner}{side}", [*args, *kwargs.values()])
+        return original(fn, *args, **kwargs)
+
+    current: list[str] = []
+
+    guided = {name.split(".transformer_blocks.")[0] for name in motion.layers}
+
+    def pre(module, args):
+        current.append("guided motion modules" if module.name in guided else "")
+
+    def post(module, args, output):
+        current.pop()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key and key not in weights and key not in seen and not in_backward():
+            seen.add(key)
+            label = ("guided motion modules" if "guided motion modules" in current
+                     else "other (inputs of the motion modules checkpointed whole; small layers left as they are)")
+            kept[f"saved outside checkpoints: {label}"] += t.untyped_storage().nbytes()
+        return t
+
+    handles = [m.register_forward_pre_hook(pre) for m in unet.modules() if isinstance(m, MotionModuleLayer)]
+    handles += [m.register_forward_hook(post) for m in unet.modules() if isinstance(m, MotionModuleLayer)]
+    sampling = patched.get_model_object("model_sampling")
+    timestep = sampling.sigma(torch.tensor([999.0])).expand(frames)
+    x = latents * float(timestep[0])
+    options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0]}
+    checkpointing._checkpoint = recording
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            peak = guidance.graph_peak(patched.model, context.expand(frames, -1, -1), x, timestep, options)
+    finally:
+        checkpointing._checkpoint = original
+        for h in handles:
+            h.remove()
+    return {"size": size, "frames": frames, "kept": dict(kept), "peak": peak}
