@@ -10,6 +10,13 @@ configs in the safetensors metadata entry `motionclone.architecture` (JSON):
 
 plus an optional "prediction": "eps" (the default, SD1.5) or "v" (v-prediction).
 
+A Wan 2.1 compact checkpoint (`"family": "wan2.1"`; without it the family is SD1.5) holds a
+`comfy.ldm.wan.model.WanModel` (its keyword arguments as "unet", keys under the same UNet prefix), the
+same tiny CLIP text encoder as the text conditioning (its width is the model's `text_dim`), and a Wan
+2.1 VAE ("vae": {"dim": base width}). ComfyUI's Wan text encoder is a fixed-size umT5-XXL and its
+model detection fixes Wan's text width at 4096, so a tiny Wan cannot go through the core loaders;
+this one builds the same classes (WAN21 model, comfy.sd.VAE's own Wan 2.1 detection).
+
 Loading builds real ComfyUI objects (ModelPatcher around comfy.model_base.BaseModel,
 comfy.sd.CLIP with comfy.sd1_clip classes, comfy.sd.VAE with AutoencoderKL), so the
 result works with every stock node (CLIPTextEncode, KSampler, VAEDecode, ...).
@@ -30,6 +37,7 @@ from .tiny_models import PREDICTIONS, TINY_SD15_UNET_CONFIG, build_tiny_sd15_mod
 
 ARCHITECTURE_METADATA_KEY = "motionclone.architecture"
 FORMAT_VERSION = 1
+SD15_FAMILY, WAN_FAMILY = "sd15", "wan2.1"
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model."
@@ -88,6 +96,19 @@ def tiny_architecture() -> dict[str, Any]:
     )
 
 
+def tiny_wan_architecture() -> dict[str, Any]:
+    """The architecture dict of `write_tiny_wan_checkpoint` (a fresh copy)."""
+    from .dit.wan_tiny import TINY_WAN_CONFIG, TINY_WAN_VAE_DIM
+
+    unet = {**TINY_WAN_CONFIG, "patch_size": list(TINY_WAN_CONFIG["patch_size"])}
+    return copy.deepcopy({"format": FORMAT_VERSION, "family": WAN_FAMILY, "unet": unet, "clip": TINY_CLIP_CONFIG,
+                          "vae": {"dim": TINY_WAN_VAE_DIM}})
+
+
+def family_of(architecture: dict[str, Any]) -> str:
+    return architecture.get("family", SD15_FAMILY)
+
+
 def read_architecture(path: str | Path) -> dict[str, Any]:
     """The validated architecture dict of a compact checkpoint (reads only the file header).
 
@@ -133,9 +154,15 @@ def load_compact_checkpoint(path: str | Path) -> tuple[Any, Any, Any]:
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     _check_weights(path, _expected_shapes(architecture, path), sd)
 
+    clip = build_clip(architecture["clip"], _strip(sd, CLIP_PREFIX))
+    if family_of(architecture) == WAN_FAMILY:
+        from .dit.wan_tiny import wan_model_patcher
+
+        unet_sd = {k: v.float() for k, v in _strip(sd, UNET_PREFIX).items()}
+        # comfy.sd.VAE recognises a Wan 2.1 VAE from its keys and reads its width from them.
+        return wan_model_patcher(architecture["unet"], unet_sd), clip, comfy.sd.VAE(sd=_strip(sd, VAE_PREFIX))
     model = build_tiny_sd15_model(unet_config=architecture["unet"], state_dict=_strip(sd, UNET_PREFIX),
                                   prediction=architecture.get("prediction", "eps"))
-    clip = build_clip(architecture["clip"], _strip(sd, CLIP_PREFIX))
     vae = comfy.sd.VAE(sd=_strip(sd, VAE_PREFIX), config={"params": copy.deepcopy(architecture["vae"])})
     return model, clip, vae
 
@@ -209,6 +236,31 @@ def write_tiny_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
     return save_compact_checkpoint(path, model, clip, vae, architecture, dtype=torch.float16)
 
 
+def write_tiny_wan_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a compact checkpoint of a tiny Wan 2.1 T2V (dit/wan_tiny.py), the tiny CLIP as its text encoder
+    and a tiny Wan 2.1 VAE, with seeded random weights, as float16 (about 0.5 MB)."""
+    import comfy.utils
+
+    from .dit.wan_tiny import build_tiny_wan, build_wan_vae, init_wan_vae_
+
+    path = Path(path)
+    architecture = tiny_wan_architecture()
+    unet = build_tiny_wan(seed)
+    clip = build_clip(architecture["clip"], None)
+    init_weights_(clip_text_model(clip).transformer.text_model, seed + 1)
+    vae = build_wan_vae(architecture["vae"]["dim"])
+    init_wan_vae_(vae, seed + 2)
+    sd = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    sd.update({CLIP_PREFIX + k.removeprefix(_CLIP_MODULE_PREFIX): v for k, v in clip.get_sd().items()
+               if k not in _CLIP_UNSAVED})
+    sd.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
+    _check_weights(path, _expected_shapes(architecture, path), sd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(sd, str(path), metadata={ARCHITECTURE_METADATA_KEY: json.dumps(architecture)})
+    return path
+
+
 # --- internals ---------------------------------------------------------------------------------
 
 
@@ -223,6 +275,18 @@ def _validate_architecture(architecture: Any, path: Path) -> None:
     for part in ("unet", "clip", "vae"):
         if not isinstance(architecture.get(part), dict):
             fail(f"'{part}' must be an object")
+    family = family_of(architecture)
+    if family not in (SD15_FAMILY, WAN_FAMILY):
+        fail(f"unknown 'family' {family!r} (this version reads {SD15_FAMILY!r} and {WAN_FAMILY!r})")
+    if family == WAN_FAMILY:
+        unet, clip, vae = architecture["unet"], architecture["clip"], architecture["vae"]
+        if not isinstance(vae.get("dim"), int) or vae["dim"] < 1:
+            fail("a Wan 2.1 'vae' needs its base width 'dim' (a positive integer)")
+        if unet.get("in_dim") != 16 or unet.get("out_dim") != 16 or unet.get("model_type", "t2v") != "t2v":
+            fail("a Wan 2.1 'unet' is a text-to-video WanModel with in_dim and out_dim 16 (the Wan 2.1 VAE's latent)")
+        if clip.get("hidden_size") != unet.get("text_dim"):
+            fail(f"clip hidden_size {clip.get('hidden_size')} != unet text_dim {unet.get('text_dim')}")
+        return
     if architecture.get("prediction", "eps") not in PREDICTIONS:
         fail(f"'prediction' must be one of {PREDICTIONS} (default 'eps'), got {architecture['prediction']!r}")
     unet, clip, vae = architecture["unet"], architecture["clip"], architecture["vae"]
@@ -243,12 +307,24 @@ def _expected_shapes(architecture: dict[str, Any], path: Path) -> dict[str, torc
 
     meta = torch.device("meta")
     try:
-        model_config = comfy.supported_models.SD15(copy.deepcopy(architecture["unet"]))
-        model_config.set_inference_dtype(torch.float32, None)
-        unet = model_config.get_model({}, device=meta).diffusion_model
+        if family_of(architecture) == WAN_FAMILY:
+            import comfy.ldm.wan.model
+            import comfy.ops
+
+            from .dit.wan_tiny import build_wan_vae
+
+            config = {**architecture["unet"], "patch_size": tuple(architecture["unet"].get("patch_size", (1, 2, 2)))}
+            unet = comfy.ldm.wan.model.WanModel(**config, device=meta, dtype=torch.float32,
+                                                operations=comfy.ops.manual_cast)
+            with meta:
+                vae = build_wan_vae(architecture["vae"]["dim"])
+        else:
+            model_config = comfy.supported_models.SD15(copy.deepcopy(architecture["unet"]))
+            model_config.set_inference_dtype(torch.float32, None)
+            unet = model_config.get_model({}, device=meta).diffusion_model
+            with meta:
+                vae = build_vae(architecture["vae"])
         clip = _clip_model_factory(architecture["clip"])(device=meta)
-        with meta:
-            vae = build_vae(architecture["vae"])
     except Exception as e:  # bad config values surface as assorted errors deep in ComfyUI
         raise ValueError(f"{path}: cannot build the model from its '{ARCHITECTURE_METADATA_KEY}' metadata: {e}") from e
     shapes = {UNET_PREFIX + k: v.shape for k, v in unet.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Loader for compact checkpoints (tiny SD1.5-architecture models that carry their own config)."""
+"""Loader for compact checkpoints (tiny SD1.5-architecture or Wan 2.1 models that carry their own config)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ class LoadCompactCheckpoint(io.ComfyNode):
             category="MotionClone/loaders",
             description=(
                 "Loads a compact checkpoint: an SD1.5-layout .safetensors whose 'motionclone.architecture' "
-                "metadata describes its (usually tiny) UNet, CLIP and VAE. Normal checkpoints load with "
-                "'Load Checkpoint'."
+                "metadata describes its (usually tiny) UNet, CLIP and VAE, or a tiny Wan 2.1 model with its text "
+                "encoder and VAE. Normal checkpoints load with 'Load Checkpoint', Wan models with the core Wan "
+                "loaders."
             ),
             inputs=[
                 io.Combo.Input(
@@ -29,7 +30,7 @@ class LoadCompactCheckpoint(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output(tooltip="The denoising UNet."),
+                io.Model.Output(tooltip="The denoising UNet (or Wan transformer)."),
                 io.Clip.Output(tooltip="The text encoder."),
                 io.Vae.Output(tooltip="The VAE."),
             ],

@@ -19,7 +19,9 @@ from motionclone.motion_core.compact_checkpoint import (
     read_architecture,
     save_compact_checkpoint,
     tiny_architecture,
+    tiny_wan_architecture,
     write_tiny_checkpoint,
+    write_tiny_wan_checkpoint,
 )
 from motionclone.nodes.checkpoint_nodes import LoadCompactCheckpoint
 
@@ -211,3 +213,61 @@ def test_node_lists_and_loads_the_file(tiny_path, monkeypatch):
     assert isinstance(model, comfy.model_patcher.ModelPatcher)
     assert _encode(clip, "x")[0][0].shape == (1, 77, 32)
     assert isinstance(vae, comfy.sd.VAE)
+
+
+# --- Wan 2.1 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_path(tmp_path_factory):
+    return write_tiny_wan_checkpoint(tmp_path_factory.mktemp("wan") / "tiny_wan.safetensors", seed=0)
+
+
+def test_wan_checkpoint_loads_comfys_own_wan_classes(tiny_wan_path):
+    import comfy.ldm.wan.model
+    import comfy.ldm.wan.vae
+    import comfy.model_base
+
+    architecture = read_architecture(tiny_wan_path)
+    assert architecture == tiny_wan_architecture() and architecture["family"] == "wan2.1"
+    sd = safetensors.torch.load_file(str(tiny_wan_path))
+    assert "model.diffusion_model.head.modulation" in sd and "first_stage_model.decoder.head.0.gamma" in sd
+    model, clip, vae = load_compact_checkpoint(tiny_wan_path)
+    assert isinstance(model.model, comfy.model_base.WAN21)
+    assert isinstance(model.model.diffusion_model, comfy.ldm.wan.model.WanModel)
+    # The stored weights are what the model holds (float16 in the file).
+    head = sd["model.diffusion_model.head.head.weight"].float()
+    assert torch.equal(model.model.diffusion_model.head.head.weight.detach(), head)
+    assert isinstance(vae.first_stage_model, comfy.ldm.wan.vae.WanVAE)  # core's own Wan 2.1 VAE detection
+    cond = _encode(clip, "a fox")[0][0]
+    assert cond.shape[-1] == architecture["unet"]["text_dim"]
+    # Wan's VAE: 4k + 1 frames -> k + 1 latent frames, 8x smaller, 16 channels; and back.
+    latent = vae.encode(torch.rand(9, 64, 64, 3))
+    assert latent.shape == (1, 16, 3, 8, 8) and torch.isfinite(latent).all()
+    assert vae.decode(latent).shape[-4:] == (9, 64, 64, 3)
+
+
+def test_wan_checkpoint_is_seeded_and_checked(tiny_wan_path, tmp_path):
+    again = write_tiny_wan_checkpoint(tmp_path / "again.safetensors", seed=0)
+    other = write_tiny_wan_checkpoint(tmp_path / "other.safetensors", seed=1)
+    first, second = safetensors.torch.load_file(str(tiny_wan_path)), safetensors.torch.load_file(str(again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    key = "model.diffusion_model.head.head.weight"
+    assert not torch.equal(first[key], safetensors.torch.load_file(str(other))[key])
+
+    narrow = tiny_wan_architecture()
+    narrow["unet"]["text_dim"] = 16
+    bad = _rewrite(tiny_wan_path, tmp_path / "narrow.safetensors",
+                   metadata={ARCHITECTURE_METADATA_KEY: json.dumps(narrow)})
+    with pytest.raises(ValueError, match="clip hidden_size 32 != unet text_dim 16"):
+        load_compact_checkpoint(bad)
+    unknown = tiny_wan_architecture() | {"family": "wan9"}
+    bad = _rewrite(tiny_wan_path, tmp_path / "unknown.safetensors",
+                   metadata={ARCHITECTURE_METADATA_KEY: json.dumps(unknown)})
+    with pytest.raises(ValueError, match="unknown 'family' 'wan9'"):
+        load_compact_checkpoint(bad)
+    key = "first_stage_model.decoder.head.0.gamma"
+    gone = _rewrite(tiny_wan_path, tmp_path / "gone.safetensors", tensors={key: None},
+                    metadata={ARCHITECTURE_METADATA_KEY: json.dumps(tiny_wan_architecture())})
+    with pytest.raises(ValueError, match=r"1 missing: first_stage_model\.decoder\.head\.0\.gamma"):
+        load_compact_checkpoint(gone)

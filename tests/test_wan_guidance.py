@@ -67,8 +67,16 @@ def test_weight_zero_is_the_core_sampler_bit_for_bit(wan, motion):
     latent = {"samples": torch.zeros(*LATENT)}
     (core,) = nodes.common_ksampler(wan, 7, 4, 5.0, "euler", "simple", _cond(3), _cond(4), latent)
     out = MotionGuidedSampler.execute(wan, 7, 4, 5.0, "euler", "simple", _cond(3), _cond(4), latent, 1.0, motion,
-                                      0.0, 0, 0.2, 0, 0).result[0]
-    assert torch.equal(out["samples"], core["samples"])
+                                      0.0, 2, 0.2, 0, 0)
+    assert torch.equal(out.result[0]["samples"], core["samples"])
+    # The loss is still measured along that unguided run, at each guided step's state; at the first step the
+    # guided run starts from the same state, so it measures the same loss there (before its optimisation).
+    measured = [(e["step"], e["loss"]) for e in out.ui["motion_loss"]]
+    guided = MotionGuidedSampler.execute(wan, 7, 4, 5.0, "euler", "simple", _cond(3), _cond(4), latent, 1.0, motion,
+                                         50000.0, 2, 0.2, 0, 0).ui["motion_loss"]
+    assert [s for s, _ in measured] == [0, 1] == [e["step"] for e in guided]
+    assert measured[0][1] == pytest.approx(guided[0]["loss"], rel=1e-5)
+    assert guided[1]["loss"] < measured[1][1]
 
 
 def _guider(model):

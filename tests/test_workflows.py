@@ -27,7 +27,7 @@ from comfy_server import ROOT, ComfyServer
 from workflow_files import FILE_INPUTS, as_the_server_reads, host_titles_dropped
 
 from motionclone.motion_core import tiny_models
-from motionclone.motion_core.compact_checkpoint import write_tiny_checkpoint
+from motionclone.motion_core.compact_checkpoint import write_tiny_checkpoint, write_tiny_wan_checkpoint
 
 WORKFLOWS = ROOT / "workflows"
 SMOKE = "motionclone_smoke_api.json"  # API-only smoke test of the tiny models (tests/test_server_smoke.py)
@@ -44,8 +44,10 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CLIP = ROOT.parent / "shared" / "reference_videos" / "sample_fox.mp4"
 TINY_CKPT, TINY_MM, TINY_SPARSECTRL = "tiny_sd15.safetensors", "tiny_mm.safetensors", "tiny_sparsectrl_rgb.safetensors"
 TINY_LORA = "tiny_adapter_lora.safetensors"
+TINY_WAN = "tiny_wan21.safetensors"
 FIRST_FRAME = "first_frame.png"
 FRAMES, SIZE, STEPS, GUIDED = 8, 64, 6, 4
+WAN_FRAMES = 9  # Wan's VAE encodes 4k + 1 frames: 3 latent frames
 RUN_BOUND_S = 600  # a hung server fails the test instead of blocking it; not a speed target
 
 
@@ -182,7 +184,35 @@ PRESETS = {
 FRAMES_OF = {"motionclone_long_video": 52}  # reference frames; the others take the reference's 16
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _is_wan(api: dict[str, Any]) -> bool:
+    return bool(_by_type(api, "UNETLoader"))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if _is_wan(_api_of(n))])
+def test_wan_settings(name):
+    """Core's Wan 2.1 T2V 1.3B graph (core loaders, shift 8) and the method doc's Wan defaults: the first
+    10 of 50 steps guided (r = 0.2), step size 0.002 (2000 millionths), block 14 ('auto'); 4k + 1 frames."""
+    api = _api_of(name)
+    assert _by_type(api, "UNETLoader") == [{"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}]
+    (clip,) = _by_type(api, "CLIPLoader")
+    assert (clip["clip_name"], clip["type"]) == ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan")
+    assert _by_type(api, "VAELoader") == [{"vae_name": "wan_2.1_vae.safetensors"}]
+    assert [m["shift"] for m in _by_type(api, "ModelSamplingSD3")] == [8]
+    (ref,) = _by_type(api, "LoadReferenceVideo")
+    (latent,) = _by_type(api, "EmptyHunyuanLatentVideo")
+    frames = ref["evenly_spaced_frames"]
+    assert (frames - 1) % 4 == 0 and (latent["length"], latent["width"], latent["height"]) == (
+        frames, ref["width"], ref["height"]) == (33, 832, 480)
+    (ext,) = _by_type(api, "ExtractSparseMotion")
+    assert (ext["top_k"], ext["layers"]) == (1, "auto")
+    (sampler,) = _by_type(api, "MotionGuidedSampler")
+    assert (sampler["steps"], sampler["guided_steps"], sampler["noisy_fraction"], sampler["guidance_weight"],
+            sampler["gradient_every"], sampler["sampler_name"], sampler["scheduler"]) == (
+        50, 0, 0.2, 2000, 1, "uni_pc", "simple")  # fmt: skip
+    assert _value(api, ext["seed"]) == _value(api, sampler["seed"])  # extraction noise and initial noise
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not _is_wan(_api_of(n))])
 def test_reference_settings(name):
     api = _api_of(name)
     assert _by_type(api, "CheckpointLoaderSimple") == [{"ckpt_name": "realisticVisionV51_v51VAE.safetensors"}]
@@ -246,6 +276,7 @@ def server(tmp_path_factory):
         pytest.skip(f"reference clip missing: {CLIP}")
     srv = ComfyServer(tmp_path_factory.mktemp("comfy_workflows"))
     write_tiny_checkpoint(srv.model_path("checkpoints", TINY_CKPT), seed=0)
+    write_tiny_wan_checkpoint(srv.model_path("checkpoints", TINY_WAN), seed=0)
     tiny_models.write_tiny_motion_module(srv.model_path("animatediff_models", TINY_MM), seed=2, std=0.2)
     if hasattr(tiny_models, "write_tiny_sparsectrl"):
         tiny_models.write_tiny_sparsectrl(srv.model_path("controlnet", TINY_SPARSECTRL), variant="rgb", seed=3)
@@ -339,7 +370,8 @@ TINY_HANDLED = {
     "MotionCloneUnevenSchedule", "MotionCloneGuider", "ImageCondition", "LoadImage", "LoadMotion",
     "CLIPTextEncode", "PrimitiveInt", "ExtractSparseMotion", "KSamplerSelect", "RandomNoise", "SamplerCustomAdvanced",
     "VAEDecode", "SaveAnimatedWEBP", "SaveImage", "SaveMotion", "LoraLoaderModelOnly", "ContextWindowsManual",
-    "SolidMask", "MaskComposite",
+    "SolidMask", "MaskComposite", "UNETLoader", "CLIPLoader", "VAELoader", "ModelSamplingSD3",
+    "EmptyHunyuanLatentVideo", "MotionGuidedSampler", "PreviewImage",
 }  # fmt: skip
 
 
@@ -351,18 +383,40 @@ def tiny_prompt(api: dict[str, Any], motion_file: str | None = None) -> dict[str
       -> the test's files;
     - FRAMES frames at SIZE x SIZE (reference video, empty latent and masks), STEPS uneven steps with GUIDED
       guided, warm-up/cool-down 1; everything else (weights, t, top-k, layers, cfg, seeds) as shipped.
+    - Wan: the core loaders' three files become one compact checkpoint of a tiny Wan 2.1 (ComfyUI's WanModel,
+      a tiny text encoder, a tiny Wan 2.1 VAE): UNETLoader -> MotionCloneCompactCheckpointLoader, and what
+      CLIPLoader and VAELoader fed takes its CLIP and VAE (core's umT5-XXL has a fixed size and core's Wan
+      detection a fixed text width, so nothing tiny loads through them); WAN_FRAMES frames, STEPS steps,
+      GUIDED guided.
     """
     prompt = copy.deepcopy(api)
+    wan = _is_wan(api)
+    for node_id, node in list(prompt.items()):
+        if node["class_type"] in ("CLIPLoader", "VAELoader"):
+            (loader,) = [k for k, v in prompt.items() if v["class_type"] == "UNETLoader"]
+            slot = 1 if node["class_type"] == "CLIPLoader" else 2
+            for other in prompt.values():
+                for key, value in other["inputs"].items():
+                    if value == [node_id, 0]:
+                        other["inputs"][key] = [loader, slot]
+            del prompt[node_id]
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         assert kind in TINY_HANDLED, f"tiny_prompt does not know {kind}: decide how to shrink it"
         if kind == "CheckpointLoaderSimple":
             node["class_type"] = "MotionCloneCompactCheckpointLoader"
             inputs["ckpt_name"] = TINY_CKPT
+        elif kind == "UNETLoader":
+            node["class_type"] = "MotionCloneCompactCheckpointLoader"
+            node["inputs"] = {"ckpt_name": TINY_WAN}
+        elif kind == "EmptyHunyuanLatentVideo":
+            inputs.update(width=SIZE, height=SIZE, length=WAN_FRAMES)
+        elif kind == "MotionGuidedSampler":
+            inputs.update(steps=STEPS, guided_steps=GUIDED)
         elif kind == "LoadAnimateDiffMotionModule":
             inputs["model_name"] = TINY_MM
         elif kind == "LoadReferenceVideo":
-            inputs.update(file=CLIP.name, evenly_spaced_frames=FRAMES, width=SIZE, height=SIZE)
+            inputs.update(file=CLIP.name, evenly_spaced_frames=WAN_FRAMES if wan else FRAMES, width=SIZE, height=SIZE)
         elif kind == "EmptyLatentImage":
             inputs.update(width=SIZE, height=SIZE)
             if not isinstance(inputs["batch_size"], list):  # a link takes the reference's frame count
@@ -403,8 +457,14 @@ def _check_outputs(server, name: str, result) -> None:
     from PIL import Image
 
     api = _api_of(name)
+    frames = WAN_FRAMES if _is_wan(api) else FRAMES
     files: dict[str, list[Path]] = {}
+    previews = {k for k, v in api.items() if v["class_type"] in ("PreviewImage", "MotionGuidedSampler")}
     for out in result.outputs:
+        if out.type == "temp":  # the loss plot: on Motion Guided Sampler and on a Preview Image fed by it
+            assert out.node in previews, out
+            files.setdefault(out.node, []).append(server.base_dir / "temp" / out.relpath())
+            continue
         assert out.type == "output", out
         path = server.output_dir / out.relpath()
         assert path.is_file(), path
@@ -412,21 +472,27 @@ def _check_outputs(server, name: str, result) -> None:
     for node_id, node in api.items():
         kind = node["class_type"]
         if kind == "SaveImage":
-            assert len(files[node_id]) == FRAMES and all(p.suffix == ".png" for p in files[node_id])
+            assert len(files[node_id]) == frames and all(p.suffix == ".png" for p in files[node_id])
             with Image.open(files[node_id][0]) as im:
                 assert im.size == (SIZE, SIZE)
         elif kind == "SaveAnimatedWEBP":
             (webp,) = files[node_id]
             with Image.open(webp) as im:
-                assert webp.suffix == ".webp" and im.n_frames == FRAMES and im.size == (SIZE, SIZE)
+                assert webp.suffix == ".webp" and im.n_frames == frames and im.size == (SIZE, SIZE)
+        elif kind == "PreviewImage":
+            (plot,) = files[node_id]
+            with Image.open(plot) as im:
+                assert im.size[0] > 100 and im.size[1] > 100  # the loss plot
         elif kind == "SaveMotion":
             (motion,) = files[node_id]
             assert motion.name.endswith(".motion.safetensors") and motion.stat().st_size > 0
 
 
 def _guided_progress(name: str, result) -> None:
-    # SamplerCustomAdvanced reports one progress update per step, to the end.
-    (sca,) = [k for k, v in _api_of(name).items() if v["class_type"] == "SamplerCustomAdvanced"]
+    # The sampling node (SamplerCustomAdvanced, or Motion Guided Sampler: its guided prefix included) reports one
+    # progress update per step, to the end.
+    (sca,) = [k for k, v in _api_of(name).items() if v["class_type"] in ("SamplerCustomAdvanced",
+                                                                           "MotionGuidedSampler")]
     events = [e for e in result.progress if e.node == sca]
     assert events and events[-1].value == events[-1].max == STEPS, result.progress
 
@@ -466,6 +532,27 @@ def test_saved_motion_drives_the_load_motion_workflow(server):
     loaded = _run(server, "motionclone_load_motion", motion_file=motion.name)
     _check_outputs(server, "motionclone_load_motion", loaded)
     _guided_progress("motionclone_load_motion", loaded)
+
+
+@pytest.mark.server
+def test_wan_workflow_guidance_lowers_the_motion_loss_in_the_server(server):
+    """The shipped Wan graph as a prompt runs it (inference mode, the server's model management): the motion
+    loss at each guided step, guided vs weight 0 from the same seed (which measures it along the unguided run)."""
+    name = "motionclone_wan_t2v"
+    curves = {}
+    for weight in (50000.0, 0.0):  # step size 0.05: a visible effect on the tiny random model (tests/test_wan_guidance)
+        prompt = tiny_prompt(_api_of(name))
+        (node,) = [k for k, v in prompt.items() if v["class_type"] == "MotionGuidedSampler"]
+        prompt[node]["inputs"]["guidance_weight"] = weight
+        result = server.wait(server.queue(prompt), RUN_BOUND_S)
+        assert result.ok, f"{result.failure_report()}\n{server.log_tail()}"
+        curves[weight] = [e["loss"] for e in result.history["outputs"][node]["motion_loss"]]
+    guided, unguided = curves[50000.0], curves[0.0]
+    print("Wan in the server, motion loss per guided step: guided", [f"{v:.3f}" for v in guided], "unguided",
+          [f"{v:.3f}" for v in unguided])
+    assert len(guided) == len(unguided) == GUIDED
+    assert guided[0] == pytest.approx(unguided[0], rel=1e-4)  # same seed, same start
+    assert all(g < u for g, u in zip(guided[1:], unguided[1:], strict=True))
 
 
 def test_readme_names_the_input_files_each_workflow_reads():

@@ -25,6 +25,9 @@ FILE_INPUTS: dict[tuple[str, str], str] = {
     ("ImageCondition", "sparsectrl_name"): "controlnet",
     ("LoadImage", "image"): "input",
     ("LoraLoaderModelOnly", "lora_name"): "loras",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
 }
 REFERENCE_CLIP = Path(__file__).resolve().parents[2] / "shared" / "reference_videos" / "sample_fox.mp4"
 

@@ -217,7 +217,29 @@ class WanMotionGuidance:
         patched = model.clone()
         if self.settings.step_size > 0:
             patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, self._sample)
+        else:  # weight 0: the sampler runs untouched; the loss is only measured along its run
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                         self._measure)
         return patched
+
+    def _measure(self, executor, model, conds, x_in, timestep, model_options):
+        """Weight 0: the motion loss of the sampler's state at each guided step's sigma, measured on its first
+        evaluation there (a separate stopped forward without grad; what the sampler computes is unchanged)."""
+        options = model_options.get("transformer_options", {})
+        sigmas = options.get("sample_sigmas")
+        positive = conds[0] if conds else None
+        if sigmas is not None and positive:
+            sigma = float(timestep.flatten()[0])
+            shift = float(getattr(model.model_sampling, "shift", 1.0))
+            guided = guided_count(sigmas.cpu(), self.settings, shift)
+            same = [i for i, s in enumerate(sigmas[:guided].tolist()) if math.isclose(s, sigma, rel_tol=1e-5)]
+            if same and same[0] not in {step for step, _, _ in self.losses}:
+                self.motion.check_compatible(x_in.shape)
+                context = positive[0]["model_conds"]["c_crossattn"].cond
+                with torch.no_grad():
+                    loss = self.motion_loss(model, x_in[:1], sigma, context[:1])
+                self.losses.append((same[0], 0, float(loss)))
+        return executor(model, conds, x_in, timestep, model_options)
 
     # --- what the nodes report ----------------------------------------------------------------------
 

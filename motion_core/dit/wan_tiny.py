@@ -72,17 +72,49 @@ def tiny_wan_inputs(
 def build_tiny_wan_model(seed: int = 0, **overrides: Any):
     """The same tiny Wan as a ComfyUI MODEL: a ModelPatcher around `comfy.model_base.WAN21` with the
     WAN21_T2V config (flow matching, shift 8, Wan21 latent format), as the core loaders build it."""
+    return wan_model_patcher({**TINY_WAN_CONFIG, **overrides}, seed=seed)
+
+
+def wan_model_patcher(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None, seed: int = 0):
+    """A ModelPatcher around `comfy.model_base.WAN21` (WAN21_T2V config) for WanModel keyword arguments
+    `config`, with `state_dict` (the diffusion model's keys) or, without one, seeded random weights."""
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = {"image_model": "wan2.1", **TINY_WAN_CONFIG, **overrides}
+    config = {"image_model": "wan2.1", **config, "patch_size": tuple(config.get("patch_size", (1, 2, 2)))}
     model_config = comfy.supported_models.WAN21_T2V(config)
     model_config.set_inference_dtype(torch.float32, None)
     with torch.inference_mode(False):
         model = comfy.model_base.WAN21(model_config, device=torch.device("cpu"))
-        init_weights_(model.diffusion_model, seed)
+        if state_dict is None:
+            init_weights_(model.diffusion_model, seed)
+        else:
+            model.diffusion_model.load_state_dict(state_dict, strict=True)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+# Wan 2.1's VAE (causal 3D convolutions, 16 latent channels, 8x spatial and 4x temporal compression) at a
+# tiny base width; ComfyUI's VAE loader reads the width from the weights and fixes the rest (below).
+TINY_WAN_VAE_DIM = 8
+WAN21_VAE_FIXED: dict[str, Any] = {"z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+                                   "temperal_downsample": [False, True, True], "dropout": 0.0}
+
+
+def build_wan_vae(dim: int = TINY_WAN_VAE_DIM) -> torch.nn.Module:
+    """ComfyUI's Wan 2.1 VAE module (`comfy.ldm.wan.vae.WanVAE`) at base width `dim`, weights unset."""
+    import comfy.ldm.wan.vae
+
+    return comfy.ldm.wan.vae.WanVAE(dim=dim, **WAN21_VAE_FIXED)
+
+
+def init_wan_vae_(vae: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights; the RMS norms' scales start at 1, as trained ones roughly are."""
+    init_weights_(vae, seed)
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if name.endswith("gamma"):
+                param.fill_(1.0)

@@ -367,7 +367,77 @@ def region() -> Spec:
     return s
 
 
-WORKFLOWS_BUILT = {f().name: f for f in (t2v_object, camera, save_motion, load_motion, i2v, long_video, region)}
+# Wan 2.1 T2V 1.3B as ComfyUI's own Wan examples load it (core loaders, files under those names).
+WAN_MODEL = "wan2.1_t2v_1.3B_fp16.safetensors"
+WAN_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+WAN_FRAMES, WAN_WIDTH, WAN_HEIGHT = 33, 832, 480  # Wan's VAE encodes 4k + 1 frames: 33 -> 9 latent frames
+WAN_NEGATIVE = "static, blurry, low quality, worst quality, deformed, distorted, jpeg artifacts, still image"
+
+
+def wan_t2v() -> Spec:
+    s = Spec("motionclone_wan_t2v", scale=0.6)
+    s.note(
+        "MotionClone on Wan 2.1: motion transfer, text to video.\n\n"
+        "The motion of a reference clip, on a new video from Wan 2.1 T2V (native ComfyUI Wan, core loaders). "
+        "Extract Sparse Motion records the reference's attention motion flow (DiTFlow's AMF) in Wan block 14 "
+        "(layers 'auto'); Motion Guided Sampler optimises the latent toward it on the noisiest steps (r = 0.2: "
+        "10 of 50, 5 Adam iterations each, step size 2000 millionths = 0.002, falling to half), then uni_pc runs "
+        "the rest unchanged. Shift 8, cfg 6, 33 frames at 832x480 (Wan encodes 4k + 1 frames).\n"
+        "Verified on a tiny random-weight Wan only: start here, then tune guidance_weight, r and the block "
+        "(docs/wan.md). The Seed node feeds the extraction noise and the sampling noise.\n\n"
+        "Model files (ComfyUI/models/...):\n"
+        f"- diffusion_models/{WAN_MODEL}  (Wan 2.1 T2V 1.3B)\n"
+        f"- text_encoders/{WAN_TEXT_ENCODER}  (umT5-XXL)\n"
+        f"- vae/{WAN_VAE}\n"
+        "Reference clip: ComfyUI/input/reference.mp4 (or upload one on Load Reference Video)."
+    )
+    unet = s.add("UNETLoader", (20, 470), {"unet_name": WAN_MODEL, "weight_dtype": "default"}, size=(430, 0))
+    shift = s.add("ModelSamplingSD3", (20, 600), {"shift": 8.0}, size=(430, 0))
+    s.link(unet, 0, shift, "model")
+    clip = s.add("CLIPLoader", (20, 700), {"clip_name": WAN_TEXT_ENCODER, "type": "wan", "device": "default"},
+                 size=(430, 0))
+    vae = s.add("VAELoader", (20, 860), {"vae_name": WAN_VAE}, size=(430, 0))
+    ref = s.add("LoadReferenceVideo", (20, 960), {
+        "file": "reference.mp4", "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1,
+        "evenly_spaced_frames": WAN_FRAMES, "force_rate": 0.0, "width": WAN_WIDTH, "height": WAN_HEIGHT,
+        "resize_mode": "stretch",
+    }, title=f"Reference: {WAN_FRAMES} frames", size=(430, 0))  # fmt: skip
+    positive = s.add("CLIPTextEncode", (490, 20), {"text": "a tiger walking in the forest, photo, realistic, "
+                                                           "high quality"}, title="Prompt (new video)", size=(420, 150))
+    negative = s.add("CLIPTextEncode", (490, 220), {"text": WAN_NEGATIVE}, title="Negative prompt", size=(420, 150))
+    for node in (positive, negative):
+        s.link(clip, 0, node, "clip")
+    seed = _seed(s, (490, 420))
+    ext = s.add("ExtractSparseMotion", (490, 560), {"timestep": 400, "seed": SEED, "control_after_generate": "fixed",
+                                                     "top_k": 1, "layers": "auto"}, size=(420, 0))
+    for src, name in ((shift, "model"), (vae, "vae"), (ref, "images"), (clip, "clip"), (seed, "seed")):
+        s.link(src, 0, ext, name)
+    latent = s.add("EmptyHunyuanLatentVideo", (490, 900), {"width": WAN_WIDTH, "height": WAN_HEIGHT,
+                                                            "length": WAN_FRAMES, "batch_size": 1},
+                   title=f"{WAN_FRAMES} frames, {WAN_WIDTH}x{WAN_HEIGHT}", size=(420, 0))
+    sampler = s.add("MotionGuidedSampler", (950, 20), {
+        "seed": SEED, "control_after_generate": "fixed", "steps": 50, "cfg": 6.0, "sampler_name": "uni_pc",
+        "scheduler": "simple", "denoise": 1.0, "guidance_weight": 2000.0, "guided_steps": 0, "noisy_fraction": 0.2,
+        "warmup": 0, "cooldown": 0,
+    }, size=(380, 0))  # fmt: skip
+    for src, name in ((shift, "model"), (seed, "seed"), (positive, "positive"), (negative, "negative"),
+                      (latent, "latent_image"), (ext, "motion")):
+        s.link(src, 0, sampler, name)
+    decode = s.add("VAEDecode", (1370, 20), size=(300, 0))
+    s.link(sampler, 0, decode, "samples")
+    s.link(vae, 0, decode, "vae")
+    webp = s.add("SaveAnimatedWEBP", (1370, 120), {"filename_prefix": "motionclone/wan_t2v/video", "fps": 16.0,
+                                                    "lossless": False, "quality": 90, "method": "default"},
+                 size=(420, 420))  # fmt: skip
+    s.link(decode, 0, webp, "images")
+    loss = s.add("PreviewImage", (950, 560), title="Motion loss per guided step", size=(380, 300))
+    s.link(sampler, 1, loss, "images")
+    return s
+
+
+WORKFLOWS_BUILT = {f().name: f for f in (t2v_object, camera, save_motion, load_motion, i2v, long_video, region,
+                                         wan_t2v)}
 
 
 def build(names: list[str] | None = None) -> list[Path]:
