@@ -29,8 +29,10 @@ against 2.05 GB for a plain CFG step (README, `benchmark.py realscale --guided-b
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -38,6 +40,19 @@ import torch.utils.checkpoint
 CHUNKS = 4  # slices of a batch-independent layer's batch, each checkpointed on its own
 
 _SUBCLASSES: dict[tuple[type, bool, bool], type] = {}
+# Set while a guided forward keeps its whole graph (memory_mode "fast", or "auto" when it fits): the
+# checkpointed copies then run as the originals, so one set of object patches serves both modes.
+_KEEP_GRAPH: contextvars.ContextVar[bool] = contextvars.ContextVar("motionclone_keep_graph", default=False)
+
+
+@contextlib.contextmanager
+def graph_kept(keep: bool = True) -> Iterator[None]:
+    """Within this block the checkpointed layers keep their graphs (no recompute in backward)."""
+    token = _KEEP_GRAPH.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_GRAPH.reset(token)
 
 
 def _normal(value):
@@ -101,7 +116,7 @@ def _checkpointed_class(cls: type, sliced: bool, nested: bool = False) -> type:
 
         def forward(self, *args, **kwargs):
             parent = super(sub, self).forward
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or _KEEP_GRAPH.get():
                 return parent(*args, **kwargs)
             # The checkpoint keeps its inputs for the recompute; inputs made inside ComfyUI's
             # inference_mode (the text context) cannot be kept by autograd: normal copies.

@@ -37,7 +37,13 @@ from functools import partial
 import torch
 
 from .attention_capture import CaptureState, StopForward
-from .checkpointing import checkpointed, checkpointed_blocks, checkpointed_motion_module, guided_motion_module
+from .checkpointing import (
+    checkpointed,
+    checkpointed_blocks,
+    checkpointed_motion_module,
+    graph_kept,
+    guided_motion_module,
+)
 from .context_windows import running_frames
 from .control_grad import controls_without_grad, skip_residuals_as_patch
 from .errors import MotionCloneError
@@ -126,6 +132,12 @@ def _require_finite(t: torch.Tensor, what: str, loss: torch.Tensor | None, scale
     )
 
 
+MEMORY_MODES = ("auto", "lean", "fast")
+# "auto" keeps the whole graph only when its estimate (margin included) leaves a quarter of the free memory
+# for the rest of the step (the unconditional forward, the prediction after the guided layers).
+AUTO_FAST_SHARE = 0.75
+
+
 @dataclass
 class GuidanceSettings:
     weight: float = 2000.0
@@ -134,6 +146,9 @@ class GuidanceSettings:
     warmup: int = 10
     cooldown: int = 10
     checkpointing: bool = True  # recompute the graph's layers in backward instead of keeping them (exact)
+    # "lean": always recompute (checkpointing); "fast": keep the whole graph; "auto": keep it when the measured
+    # estimate fits in AUTO_FAST_SHARE of the free memory, else recompute. Without checkpointing: always kept.
+    memory_mode: str = "auto"
     gradient_every: int = 1  # k: compute the gradient on every k-th guided step, reuse it (rescaled) between
     keep_still_weight: float = 0.0  # region masks: weight of the pull toward static attention outside the region
 
@@ -142,6 +157,8 @@ class GuidanceSettings:
             raise ValueError(f"gradient_every must be >= 1, got {self.gradient_every}")
         if not math.isfinite(self.keep_still_weight) or self.keep_still_weight < 0:
             raise ValueError(f"keep_still_weight must be a finite number >= 0, got {self.keep_still_weight}")
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
 
 
 class MotionGuidance:
@@ -164,6 +181,8 @@ class MotionGuidance:
                                   "Motion): outside it the video is kept still")
         self._grads: dict[float, torch.Tensor] = {}  # sigma -> dL/dz_t awaiting the post-CFG step
         self.memory_estimates: dict[tuple, float] = {}  # (latent shape, device) -> bytes a guided step holds
+        self.keeps_graph: dict[tuple, bool] = {}  # (latent shape, device) -> the memory mode's choice: graph kept
+        self.estimates_by_choice: dict[tuple, dict[bool, float]] = {}  # ... -> {graph kept: bytes} (measured ones)
         # window (None outside context windows) -> (latent shape, gradient, its weight x ramp), for gradient reuse
         self._reused: dict[tuple | None, tuple] = {}
         self.window_losses: dict[tuple, list[tuple[int, float]]] = {}  # context window frames -> (step, loss)
@@ -208,7 +227,7 @@ class MotionGuidance:
             # this step's weight and ramp, is applied with this step's lambda.
             out = self._measure(executor, model, conds, x_in, timestep, model_options, step, motion, window)
             return self._apply(out, last[1] * (scale / last[2]), sigma, sigma_next, window, step)
-        self._check_memory(model, conds[0], x_in, timestep, model_options, motion)
+        keep_graph = self._check_memory(model, conds[0], x_in, timestep, model_options, motion)
         uncond_out = None
         if len(conds) > 1 and conds[1] is not None:
             with torch.no_grad():
@@ -247,7 +266,8 @@ class MotionGuidance:
                 "optimized_attention_override": lean_attention_while_grad(
                     transformer_options.get("optimized_attention_override")),
             }
-            cond_out = executor(model, [controls_without_grad(conds[0]), None], x, timestep, options)[0].detach()
+            with graph_kept(keep_graph):
+                cond_out = executor(model, [controls_without_grad(conds[0]), None], x, timestep, options)[0].detach()
         if "grad" not in holder:
             raise RuntimeError(f"MOTION layers {motion.layers} were not all seen in the model's forward")
         grad = holder["grad"].detach()
@@ -293,34 +313,51 @@ class MotionGuidance:
             self.window_losses.setdefault(window, []).append((step, loss))
 
     def _check_memory(self, model, cond: list[dict], x_in: torch.Tensor, timestep: torch.Tensor,
-                      model_options: dict, motion: SparseMotion) -> None:
-        """Before the first guided step of a size: refuse, with what to lower, a step that would not fit
-        (memory_estimate.py: the peak of its forward and backward measured on two small crops, extrapolated)."""
+                      model_options: dict, motion: SparseMotion) -> bool:
+        """Before the first guided step of a size: whether its graph is kept whole (memory_mode), and a clear
+        refusal, with what to lower, of a step that would not fit (memory_estimate.py: the peak of its forward
+        and backward measured on two small crops, extrapolated)."""
         import comfy.model_management
 
         key = (tuple(x_in.shape), str(x_in.device))
-        if key in self.memory_estimates:
-            return
+        if key in self.keeps_graph:
+            return self.keeps_graph[key]
+        mode = self.settings.memory_mode if self.settings.checkpointing else "fast"
         self.memory_estimates[key] = 0.0
+        self.keeps_graph[key] = mode == "fast"
         height, width = x_in.shape[-2:]
         sizes = calibration_sizes(height, width)
-        if sizes is None:
-            return
+        if sizes is None:  # too small to need an estimate; "auto" recomputes, as at every calibrated size it may
+            return self.keeps_graph[key]
         normal_tensors_for_grad(model.diffusion_model, x_in.device)
         context = _crossattn_of(cond, model, x_in)
         options = {**model_options.get("transformer_options", {}), "cond_or_uncond": [0]}
-        points = [(h * w, self.graph_peak(model, context, x_in[..., :h, :w], timestep, options)) for h, w in sizes]
-        need = self.memory_estimates[key] = LinearBytes.through(*points).at(height, width) * MEMORY_MARGIN
+
+        def need(keep: bool) -> float:
+            with graph_kept(keep):
+                points = [(h * w, self.graph_peak(model, context, x_in[..., :h, :w], timestep, options))
+                          for h, w in sizes]
+            return LinearBytes.through(*points).at(height, width) * MEMORY_MARGIN
+
         free = comfy.model_management.get_free_memory(x_in.device)
-        logging.info("MotionClone: a guided step of %d frames at %dx%d latent needs about %s (free: %s)",
-                     x_in.shape[0], height, width, gib(need), gib(free))
-        if need > free:
+        needs = self.estimates_by_choice[key] = {keep: need(keep) for keep in
+                                                 ((True, False) if mode == "auto" else (mode == "fast",))}
+        keep = needs[True] <= AUTO_FAST_SHARE * free if mode == "auto" else mode == "fast"
+        self.keeps_graph[key] = keep
+        required = self.memory_estimates[key] = needs[keep]
+        logging.info("MotionClone: a guided step of %d frames at %dx%d latent needs about %s with %s (%s; free: %s)",
+                     x_in.shape[0], height, width, gib(required), "its graph kept" if keep else "checkpointing",
+                     f"memory_mode {mode}" + (f", kept would need {gib(needs[True])}" if mode == "auto" and not keep
+                                               else ""), gib(free))
+        if required > free:
+            lean = " or set memory_mode to lean or auto (recompute instead of keeping the graph)," if keep else ""
             raise GuidanceMemoryError(
                 f"MotionClone: a guided step of {x_in.shape[0]} frames at {width * 8}x{height * 8} px would need "
-                f"about {gib(need)} for its gradient (the graph up to {motion.layers[-1].split('.motion')[0]}), "
-                f"but {gib(free)} are free on {x_in.device}. Lower the width/height or the frame count, guide an "
-                "earlier layer set (fewer blocks in the graph), or free memory (other models, other programs)."
+                f"about {gib(required)} for its gradient (the graph up to {motion.layers[-1].split('.motion')[0]}), "
+                f"but {gib(free)} are free on {x_in.device}. Lower the width/height or the frame count,{lean} guide "
+                "an earlier layer set (fewer blocks in the graph), or free memory (other models, other programs)."
             )
+        return keep
 
     def graph_peak(self, model, context: torch.Tensor, x: torch.Tensor, timestep: torch.Tensor,
                    transformer_options: dict) -> int:
@@ -420,6 +457,8 @@ class MotionGuidance:
         self._grads.clear()
         self.losses.clear()
         self.memory_estimates.clear()
+        self.keeps_graph.clear()
+        self.estimates_by_choice.clear()
         self._reused.clear()
         self.window_losses.clear()
         out = executor(*args, **kwargs)

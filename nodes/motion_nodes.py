@@ -18,7 +18,13 @@ from ..motion_core.dit.wan_motion import (
     wan_fingerprint,
 )
 from ..motion_core.extraction import extract_sparse_motion, model_fingerprint
-from ..motion_core.guided_sampling import GuidanceSettings, MotionGuidance, attention_layers_of, select_layers
+from ..motion_core.guided_sampling import (
+    MEMORY_MODES,
+    GuidanceSettings,
+    MotionGuidance,
+    attention_layers_of,
+    select_layers,
+)
 from ..motion_core.loss_plot import as_comfy_image, draw_loss_plot
 from ..motion_core.schedule import uneven_timesteps
 from ..motion_core.sparse_motion import SparseMotion
@@ -57,6 +63,12 @@ def _guidance_inputs() -> list:
                        tooltip="With a region: pulls the positions outside it toward still video (each frame "
                                "attending to itself), with this weight (like guidance_weight). 0 = off.",
                        **advanced(io.Float.Input)),
+        io.Combo.Input("memory_mode", options=list(MEMORY_MODES), default="auto", optional=True,
+                       tooltip="SD1.5/AnimateDiff: what a guided step's gradient keeps. lean: recompute each layer "
+                               "in the backward (about the memory of a plain step, slower); fast: keep the whole "
+                               "graph (faster, several times the memory); auto: fast when its measured estimate fits "
+                               "in 3/4 of the free memory, else lean. The result is the same up to float rounding.",
+                       **advanced(io.Combo.Input)),
     ]
 
 
@@ -84,7 +96,8 @@ def _wan_guidance(motion: WanMotion, samples, weight, guided_steps, noisy_fracti
 
 
 def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guided_steps, noisy_fraction, warmup,
-              cooldown, gradient_every: int = 1, mask=None, keep_still_weight: float = 0.0) -> MotionGuidance:
+              cooldown, gradient_every: int = 1, mask=None, keep_still_weight: float = 0.0,
+              memory_mode: str = "auto") -> MotionGuidance:
     require_finite("MotionClone", guidance_weight=weight, noisy_fraction=noisy_fraction,
                    keep_still_weight=keep_still_weight)
     samples = latent["samples"]
@@ -98,7 +111,8 @@ def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guid
                         motion.model_fingerprint, model_fingerprint(model))
     return MotionGuidance(motion, GuidanceSettings(weight, guided_steps, noisy_fraction, warmup, cooldown,
                                                    gradient_every=gradient_every,
-                                                   keep_still_weight=keep_still_weight), mask)
+                                                   keep_still_weight=keep_still_weight, memory_mode=memory_mode),
+                          mask)
 
 
 class ExtractSparseMotion(io.ComfyNode):
@@ -229,12 +243,13 @@ class MotionGuidedSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 motion, guidance_weight, guided_steps, noisy_fraction, warmup, cooldown,
-                gradient_every: int = 1, mask=None, keep_still_weight: float = 0.0) -> io.NodeOutput:
+                gradient_every: int = 1, mask=None, keep_still_weight: float = 0.0,
+                memory_mode: str = "auto") -> io.NodeOutput:
         import nodes
 
         require_finite("Motion Guided Sampler", cfg=cfg, denoise=denoise)
         guidance = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
-                             cooldown, gradient_every, mask, keep_still_weight)
+                             cooldown, gradient_every, mask, keep_still_weight, memory_mode)
         # KSampler's own code path: same noise, progress bar, previews and interrupt handling.
         (out,) = nodes.common_ksampler(guidance.patch(model), seed, steps, cfg, sampler_name, scheduler, positive,
                                        negative, latent_image, denoise=denoise)
@@ -278,13 +293,13 @@ class MotionCloneGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, cfg, latent_image, motion, guidance_weight, guided_steps,
                 noisy_fraction, warmup, cooldown, gradient_every: int = 1, mask=None,
-                keep_still_weight: float = 0.0) -> io.NodeOutput:
+                keep_still_weight: float = 0.0, memory_mode: str = "auto") -> io.NodeOutput:
         import comfy.samplers
 
         require_finite("MotionClone Guider", cfg=cfg)
         # Weight 0 still measures the motion loss (in the log); the sampling is CFGGuider's, bit for bit.
         model = _guidance(model, latent_image, motion, guidance_weight, guided_steps, noisy_fraction, warmup,
-                          cooldown, gradient_every, mask, keep_still_weight).patch(model)
+                          cooldown, gradient_every, mask, keep_still_weight, memory_mode).patch(model)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

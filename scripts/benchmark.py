@@ -260,17 +260,30 @@ def bench_realscale(args: argparse.Namespace) -> None:
         for mode, row in rows.items():
             extra = ""
             if "estimate_bytes" in row:
-                share = row["estimate_bytes"] / max(row["peak_bytes"], 1)
+                share = row["estimate_bytes"] / max(row.get("peak_bytes", 0), 1)
                 extra = (f"; estimate before the step {row['estimate_bytes'] / gb:.2f} GB (measured on two crops in "
-                         f"{row['estimate_s']:.1f} s; {share:.2f}x the peak)")
+                         f"{row['estimate_s']:.1f} s" + (f"; {share:.2f}x the peak)" if "peak_bytes" in row else ")"))
+            if row.get("kept_estimate_bytes") and mode == "guided_auto":
+                extra += (f"; graph kept would need {row['kept_estimate_bytes'] / gb:.2f} GB of "
+                          f"{row['free_bytes'] / gb:.1f} GB free")
+            if "skipped" in row:
+                print(f"  {mode:12s} not run: {row['skipped'][:160]}{extra}", flush=True)
+                continue
             time_ratio, memory_ratio = row["step_s"] / plain["step_s"], row["peak_bytes"] / plain["peak_bytes"]
+            choice = (" (auto chose: graph kept)" if row.get("keeps_graph") else "") if mode == "guided_auto" else ""
             print(f"  {mode:12s} step {row['step_s']:8.1f} s ({time_ratio:.2f}x plain), peak above the loaded model "
                   f"{row['peak_bytes'] / gb:6.2f} GB ({memory_ratio:.2f}x plain; float16: about "
-                  f"{row['peak_bytes'] / 2 / gb:.2f} GB){extra}", flush=True)
+                  f"{row['peak_bytes'] / 2 / gb:.2f} GB){choice}{extra}", flush=True)
         if "guided" in rows:
             g = rows["guided"]
-            summary.append(f"realscale {size}: time ratio {g['step_s'] / plain['step_s']:.2f}, memory ratio "
-                           f"{g['peak_bytes'] / plain['peak_bytes']:.2f}")
+            line = (f"realscale {size}: time ratio {g['step_s'] / plain['step_s']:.2f}, memory ratio "
+                    f"{g['peak_bytes'] / plain['peak_bytes']:.2f}")
+            a = rows.get("guided_auto")
+            if a is not None:
+                line += ("; auto: checkpointing, as above" if "skipped" in a else
+                         f"; auto (graph kept): time ratio {a['step_s'] / plain['step_s']:.2f}, memory ratio "
+                         f"{a['peak_bytes'] / plain['peak_bytes']:.2f}")
+            summary.append(line)
     if args.guided_breakdown:
         b = _subprocess_json("_realscale_guided_breakdown", str(args.guided_breakdown), str(args.frames),
                              str(args.threads))
@@ -517,8 +530,10 @@ def main(argv: list[str]) -> None:
                    help="video side in pixels (none: only the breakdowns)")
     r.add_argument("--frames", type=int, default=16)
     r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--modes", nargs="+", default=["plain", "guided", "guided_kept"],
-                   help="plain, guided (checkpointed graph), guided_kept (the whole graph kept, no checkpointing)")
+    r.add_argument("--modes", nargs="+", default=["plain", "guided", "guided_auto"],
+                   help="plain; guided (memory_mode lean: checkpointed graph); guided_kept (fast: the whole graph "
+                        "kept); guided_auto (the default auto: kept when it fits in 3/4 of the free memory, run only "
+                        "then)")
     r.add_argument("--chunks", type=int, default=0,
                    help="batch slices of the checkpointed layers (0: the pack's default, checkpointing.CHUNKS)")
     r.add_argument("--breakdown", type=int, default=256, help="size of the memory breakdown (0: none)")

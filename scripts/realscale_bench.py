@@ -52,11 +52,13 @@ def _inputs(size: int, frames: int):
 def worker(mode: str, size: int, frames: int, threads: int, chunks: int = 0) -> dict[str, Any]:
     """One plain or guided sampling step at `size` px (the first step of a 300-step object-motion schedule);
     `chunks` > 0 replaces the number of batch slices of checkpointed layers (checkpointing.CHUNKS)."""
+    import comfy.model_management
     import comfy.sample
     import comfy.samplers
     import torch
 
     from motionclone.motion_core import checkpointing
+    from motionclone.motion_core.guided_sampling import GuidanceMemoryError
 
     if chunks:
         checkpointing.CHUNKS = chunks
@@ -83,16 +85,22 @@ def worker(mode: str, size: int, frames: int, threads: int, chunks: int = 0) -> 
     out: dict[str, Any] = {"mode": mode, "size": size, "frames": frames, "extract_s": extract_s}
     patched = model
     if mode != "plain":
+        memory_mode = {"guided": "lean", "guided_kept": "fast", "guided_auto": "auto"}[mode]
         guidance = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=1, warmup=0, cooldown=0,
-                                                           checkpointing=mode == "guided"))
+                                                           memory_mode=memory_mode))
         # The estimate a user's run makes before its first guided step (it profiles on a CPU itself, so it
         # runs here, outside the step's own profile), then the step without it.
         estimates = []
 
         def estimate_only(model_, cond, x_in, timestep, model_options, motion_, check=guidance._check_memory):
             t = time.perf_counter()
-            check(model_, cond, x_in, timestep, model_options, motion_)
-            estimates.append((max(guidance.memory_estimates.values()), time.perf_counter() - t))
+            try:
+                keep = check(model_, cond, x_in, timestep, model_options, motion_)
+            except GuidanceMemoryError as e:
+                keep = str(e)
+            (key,) = guidance.memory_estimates
+            estimates.append((guidance.memory_estimates[key], time.perf_counter() - t, keep,
+                              guidance.estimates_by_choice.get(key, {}).get(True)))
             raise _Stop
 
         guidance._check_memory = estimate_only
@@ -103,8 +111,14 @@ def worker(mode: str, size: int, frames: int, threads: int, chunks: int = 0) -> 
                                            disable_pbar=True)
         except _Stop:
             pass
-        out["estimate_bytes"], out["estimate_s"] = estimates[0]
-        guidance._check_memory = lambda *args: None
+        out["estimate_bytes"], out["estimate_s"], keep, out["kept_estimate_bytes"] = estimates[0]
+        out["free_bytes"] = comfy.model_management.get_free_memory(torch.device("cpu"))
+        if isinstance(keep, str) or (mode == "guided_auto" and not keep):
+            # Refused (it would not fit), or auto chose to recompute: the same step as "guided", not run again.
+            out["skipped"] = keep if isinstance(keep, str) else "auto chose checkpointing"
+            return out
+        out["keeps_graph"] = keep
+        guidance._check_memory = lambda *args: keep
         patched = guidance.patch(model)
 
     def step() -> None:
@@ -204,7 +218,8 @@ def breakdown_guided(size: int, frames: int, threads: int) -> dict[str, Any]:
     context, latents = _inputs(size, frames)
     layers = select_layers(attention_layers_of(model), "up_blocks.1")
     motion = extract_sparse_motion(model, latents, context, layers, seed=0)
-    guidance = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=1, warmup=0, cooldown=0))
+    guidance = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=1, warmup=0, cooldown=0,
+                                                       memory_mode="lean"))
     patched = guidance.patch(model)
     import comfy.model_management
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from motionclone.motion_core.attention_capture import CaptureState, StopForward
+from motionclone.motion_core.checkpointing import graph_kept
 from motionclone.motion_core.extraction import extract_sparse_motion
 from motionclone.motion_core.guided_sampling import (
     GuidanceMemoryError,
@@ -40,11 +41,12 @@ def _motion(model, size: int):
     return extract_sparse_motion(model, torch.randn(FRAMES, 4, size, size), torch.zeros(1, 7, 32), layers)
 
 
-def _sample(model, motion, size: int, weight: float = 2000.0):
+def _sample(model, motion, size: int, weight: float = 2000.0, memory_mode: str = "auto"):
     import comfy.sample
 
     latent = torch.zeros(FRAMES, 4, size, size)
-    guidance = MotionGuidance(motion, GuidanceSettings(weight, guided_steps=1, warmup=0, cooldown=0))
+    guidance = MotionGuidance(motion, GuidanceSettings(weight, guided_steps=1, warmup=0, cooldown=0,
+                                                       memory_mode=memory_mode))
     with torch.inference_mode():
         comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, 0), 2, 8.5, "ddim",
                             "ddim_uniform", [[torch.randn(1, 7, 32), {}]], [[torch.zeros(1, 7, 32), {}]], latent,
@@ -118,14 +120,16 @@ def test_the_estimate_is_the_peak_of_the_steps_gradient(model, caplog, monkeypat
     check = MotionGuidance._check_memory
 
     def check_and_measure_full_size(self, model_, cond, x_in, timestep, model_options, motion_):
-        check(self, model_, cond, x_in, timestep, model_options, motion_)
+        keep = check(self, model_, cond, x_in, timestep, model_options, motion_)
         options = {**model_options.get("transformer_options", {}), "cond_or_uncond": [0]}
         context = torch.zeros(x_in.shape[0], 7, 32)
-        full["peak"] = self.graph_peak(model_, context, x_in, timestep, options)
+        with graph_kept(keep):
+            full["peak"] = self.graph_peak(model_, context, x_in, timestep, options)
+        return keep
 
     monkeypatch.setattr(MotionGuidance, "_check_memory", check_and_measure_full_size)
     with caplog.at_level(logging.INFO):
-        guidance = _sample(model, motion, 40)
+        guidance = _sample(model, motion, 40, memory_mode="lean")
     assert any("a guided step of 8 frames at 40x40 latent needs about" in r.getMessage() for r in caplog.records)
     (estimate,) = guidance.memory_estimates.values()
     print(f"estimate {estimate / 2**20:.1f} MB = {MARGIN} x the extrapolated peak; "
@@ -135,36 +139,79 @@ def test_the_estimate_is_the_peak_of_the_steps_gradient(model, caplog, monkeypat
 
 @pytest.mark.single_host
 def test_checkpointing_lowers_the_peak_and_changes_nothing(model):
+    """memory_mode lean (checkpointed layers recompute in backward) against fast (the same object patches, the
+    graph kept) and against no checkpointing patches at all."""
     import comfy.sample
 
     motion = _motion(model, 32)
     peaks, outs = {}, {}
-    for on in (True, False):
-        guidance = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=1, warmup=0, cooldown=0,
-                                                           checkpointing=on))
+    for name, settings in (("lean", {"memory_mode": "lean"}), ("fast", {"memory_mode": "fast"}),
+                           ("unpatched", {"checkpointing": False})):
+        guidance = MotionGuidance(motion, GuidanceSettings(2000.0, guided_steps=1, warmup=0, cooldown=0, **settings))
         peak = {}
         check = guidance._check_memory
 
         def measure(model_, cond, x_in, timestep, model_options, motion_, guidance=guidance, peak=peak, check=check):
-            check(model_, cond, x_in, timestep, model_options, motion_)
+            keep = check(model_, cond, x_in, timestep, model_options, motion_)
             options = {**model_options.get("transformer_options", {}), "cond_or_uncond": [0]}
-            peak["bytes"] = guidance.graph_peak(model_, torch.zeros(x_in.shape[0], 7, 32), x_in, timestep, options)
+            with graph_kept(keep):
+                peak["bytes"] = guidance.graph_peak(model_, torch.zeros(x_in.shape[0], 7, 32), x_in, timestep,
+                                                    options)
+            return keep
 
         guidance._check_memory = measure
         latent = torch.zeros(FRAMES, 4, 32, 32)
         with torch.inference_mode():
-            outs[on] = comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, 0), 2, 8.5,
-                                           "ddim", "ddim_uniform", [[torch.randn(1, 7, 32, generator=torch.Generator()
-                                                                                 .manual_seed(3)), {}]],
-                                           [[torch.zeros(1, 7, 32), {}]], latent, seed=0, disable_pbar=True)
-        peaks[on] = peak["bytes"]
-    print(f"peak of a guided step's gradient, 8 frames at 32x32 latent: {peaks[False] / 2**20:.0f} MB kept, "
-          f"{peaks[True] / 2**20:.0f} MB checkpointed")
-    diff = (outs[True] - outs[False]).abs().max().item()
-    print(f"largest difference of the samples {diff:.2e} (of {outs[False].abs().max().item():.2f})")
-    assert peaks[True] < 0.6 * peaks[False]
+            outs[name] = comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, 0), 2, 8.5,
+                                             "ddim", "ddim_uniform", [[torch.randn(1, 7, 32, generator=torch.Generator()
+                                                                                   .manual_seed(3)), {}]],
+                                             [[torch.zeros(1, 7, 32), {}]], latent, seed=0, disable_pbar=True)
+        peaks[name] = peak["bytes"]
+        assert guidance.keeps_graph == {((FRAMES, 4, 32, 32), "cpu"): name != "lean"}
+    print(f"peak of a guided step's gradient, 8 frames at 32x32 latent: {peaks['unpatched'] / 2**20:.0f} MB kept "
+          f"without patches, {peaks['fast'] / 2**20:.0f} MB kept through the patches (fast), "
+          f"{peaks['lean'] / 2**20:.0f} MB checkpointed (lean)")
+    diff = (outs["lean"] - outs["unpatched"]).abs().max().item()
+    print(f"largest difference of the samples {diff:.2e} (of {outs['unpatched'].abs().max().item():.2f})")
+    assert peaks["lean"] < 0.6 * peaks["unpatched"]
+    assert peaks["fast"] == pytest.approx(peaks["unpatched"], rel=0.02)  # the patched layers run as the originals
+    assert torch.equal(outs["fast"], outs["unpatched"])
     # The recompute runs the same operations; only batch slices of different sizes may round differently.
-    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(outs["lean"], outs["unpatched"], rtol=1e-5, atol=1e-4)
+
+
+def test_auto_keeps_the_graph_only_where_it_fits_comfortably(model, monkeypatch, caplog):
+    """memory_mode auto: both estimates are measured; the kept graph when it needs at most 3/4 of the free
+    memory, else checkpointing when that fits, else a refusal that names the lean need."""
+    import comfy.model_management
+
+    from motionclone.motion_core.guided_sampling import AUTO_FAST_SHARE
+
+    motion = _motion(model, 24)
+    key = ((FRAMES, 4, 24, 24), "cpu")
+    with caplog.at_level(logging.INFO):
+        roomy = _sample(model, motion, 24)
+    needs = roomy.estimates_by_choice[key]
+    assert roomy.keeps_graph[key] and needs[True] > 1.5 * needs[False]
+    assert roomy.memory_estimates[key] == needs[True]
+    assert any("with its graph kept (memory_mode auto" in r.getMessage() for r in caplog.records)
+
+    def free(amount):
+        def free_memory(dev=None, torch_free_too: bool = False):
+            return (amount, amount) if torch_free_too else amount
+        return free_memory
+
+    # Kept would fit in the free memory, but not in 3/4 of it: auto recomputes.
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", free(needs[True] / AUTO_FAST_SHARE * 0.99))
+    tight = _sample(model, motion, 24)
+    assert not tight.keeps_graph[key] and tight.memory_estimates[key] == pytest.approx(needs[False], rel=0.05)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", free(needs[False] * 0.5))
+    with pytest.raises(GuidanceMemoryError, match="Lower the width/height or the frame count, guide"):
+        _sample(model, motion, 24)
+    with pytest.raises(GuidanceMemoryError, match="or set memory_mode to lean or auto"):
+        _sample(model, motion, 24, memory_mode="fast")
+    with pytest.raises(ValueError, match="memory_mode must be one of"):
+        GuidanceSettings(memory_mode="small")
 
 
 def test_a_step_that_would_not_fit_is_refused_before_it_allocates(model, monkeypatch):
