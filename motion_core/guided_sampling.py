@@ -462,6 +462,11 @@ class MotionGuidance:
         self._reused.clear()
         self.window_losses.clear()
         out = executor(*args, **kwargs)
+        if not self.losses:
+            logging.warning("MotionClone: no step of this run was guided: r = %g guides timesteps at or above %g and "
+                            "guided_steps is %d (a run with denoise < 1 starts below the band). Set guided_steps to "
+                            "guide its first steps.", self.settings.noisy_fraction,
+                            (1.0 - self.settings.noisy_fraction) * 1000.0, self.settings.guided_steps)
         kind = "guided" if self.settings.weight else "measured on the unguided run"
         logging.info("MotionClone: motion loss per guided step (%s, weight %g), step:loss %s", kind,
                      self.settings.weight, format_curve(self.loss_curve()))

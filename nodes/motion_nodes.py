@@ -151,16 +151,24 @@ class ExtractSparseMotion(io.ComfyNode):
                               tooltip="Region whose motion is cloned (one mask, or one per frame): only positions "
                                       "under it (at least half of a token's area, per guided layer) keep their "
                                       "motion. Unconnected: the whole frame."),
+                io.Int.Input("frame_pairs", default=0, min=0, max=1000, optional=True,
+                             tooltip="Wan only: which latent-frame pairs the motion flow covers. 0 = every pair "
+                                     "(DiTFlow; grows with the square of the frames); k = each frame with the next "
+                                     "k - 1 (FastVMT's forward pairs, k = 4: 78 pairs instead of 441 at 81 frames).",
+                             **advanced(io.Int.Input)),
             ],
             outputs=[Motion.Output()],
         )
 
     @classmethod
     def execute(cls, model, timestep, seed, top_k, layers, vae=None, images=None, latent=None, positive=None,
-                clip=None, image_condition=None, mask=None) -> io.NodeOutput:
+                clip=None, image_condition=None, mask=None, frame_pairs: int = 0) -> io.NodeOutput:
         if is_wan_model(model):
             return io.NodeOutput(_extract_wan(model, timestep, seed, layers, vae, images, latent, positive, clip,
-                                              image_condition, mask))
+                                              image_condition, mask, frame_pairs))
+        if frame_pairs:
+            raise ValueError("Extract Sparse Motion: frame_pairs applies to Wan models (their motion flow between "
+                             "latent frames); an AnimateDiff motion module relates all its frames: set it to 0")
         chosen = select_layers(attention_layers_of(model), layers)
         if latent is not None:
             latents = latent["samples"]
@@ -333,7 +341,7 @@ class MotionCloneUnevenSchedule(io.ComfyNode):
 
 
 def _extract_wan(model, timestep, seed, layers, vae, images, latent, positive, clip, image_condition,
-                 mask) -> WanMotion:
+                 mask, frame_pairs: int = 0) -> WanMotion:
     """Extract Sparse Motion on a native Wan MODEL: the reference's attention motion flow (docs/wan.md)."""
     if image_condition is not None or mask is not None:
         raise ValueError("Extract Sparse Motion: image_condition and mask are not supported on Wan models yet")
@@ -359,7 +367,7 @@ def _extract_wan(model, timestep, seed, layers, vae, images, latent, positive, c
     # The widget's SD default names an SD layer; on Wan it means the default block.
     blocks = parse_blocks("auto" if layers.strip() == "up_blocks.1" else layers, len(blocks))
     return extract_wan_motion(model, latents, positive[0][0], blocks, sigma=timestep / 1000.0, seed=seed,
-                              model_fingerprint=wan_fingerprint(model))
+                              pair_span=frame_pairs or None, model_fingerprint=wan_fingerprint(model))
 
 
 class SaveMotion(io.ComfyNode):

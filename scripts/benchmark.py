@@ -337,6 +337,16 @@ def bench_wan(args: argparse.Namespace) -> None:
           f"{e['guided_activations_gb']:.1f} GB fp32 ({e['guided_activations_gb'] / 2:.1f} GB bf16) beside the "
           f"weights; a guided step about {e['step_ratio']:.1f}x a plain step, 10 guided of 50 steps about "
           f"{e['generation_ratio']:.2f}x the generation time")
+    a = _subprocess_json("_wan_amf", str(args.amf_frames), str(args.threads))
+    print(f"motion flow (soft AMF, forward + backward, streamed per pair) at the 1.3B grid "
+          f"{a['grid'][0]}x{a['grid'][1]} per frame, {a['frames']} latent frames: all {a['all']['pairs']} pairs "
+          f"{a['all']['s']:.1f} s "
+          f"({1000 * a['all']['per_pair_s']:.0f} ms per pair), FastVMT's forward pairs ({a['forward']['pairs']}) "
+          f"{a['forward']['s']:.1f} s; at 480x832x81: {a['pairs_13b']['all']} pairs about "
+          f"{a['pairs_13b']['all'] * a['all']['per_pair_s']:.0f} s per iteration here, {a['pairs_13b']['forward']} "
+          f"about {a['pairs_13b']['forward'] * a['all']['per_pair_s']:.0f} s; by FLOPs "
+          f"{100 * a['share_13b']['all']:.1f} % "
+          f"and {100 * a['share_13b']['forward']:.1f} % of an optimisation iteration (15 blocks)", flush=True)
     print(f"wan: guided step {large['guided']['step_s'] / large['plain']['step_s']:.2f}x plain, peak "
           f"{large['guided']['peak_bytes'] / large['plain']['peak_bytes']:.2f}x; capture peak x"
           f"{large['plain']['extract_peak'] / small['plain']['extract_peak']:.2f} for tokens x{token_ratio:.2f}")
@@ -481,6 +491,13 @@ def main(argv: list[str]) -> None:
 
         print(json.dumps(wan_bench.worker(argv[1], *map(int, argv[2:8]))))
         return
+    if argv and argv[0] == "_wan_amf":
+        _bootstrap()
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import wan_bench
+
+        print(json.dumps(wan_bench.amf_cost(*map(int, argv[1:3]))))
+        return
     if argv and argv[0] in ("_realscale_worker", "_realscale_breakdown", "_realscale_guided_breakdown"):
         _bootstrap()
         sys.path.insert(0, str(ROOT / "scripts"))
@@ -546,6 +563,7 @@ def main(argv: list[str]) -> None:
     w.add_argument("--blocks", type=int, default=4)
     w.add_argument("--iterations", type=int, default=5)
     w.add_argument("--threads", type=int, default=2)
+    w.add_argument("--amf-frames", type=int, default=6, help="latent frames of the motion-flow cost measurement")
     m = sub.add_parser("region", help="demo model: region masks, the left half's motion into the left half")
     m.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
     m.add_argument("--frames", type=int, default=16)

@@ -110,3 +110,48 @@ def estimate_13b(small: dict[str, dict[str, Any]], large: dict[str, dict[str, An
     step_ratio = 1.0 + iterations * per_iteration_13b
     return {"tokens": tokens, "slope": slope, "guided_activations_gb": slope_13b * tokens / 1024**3,
             "step_ratio": step_ratio, "generation_ratio": (40 + 10 * step_ratio) / 50}
+
+
+# Wan 2.1 1.3B at 480x832x81: 21 latent frames of 30 x 52 tokens; what one block's forward costs in FLOPs.
+GRID_13B = (21, 30, 52)
+
+
+def block_flops(tokens: int, dim: int = WIDTHS["dim"], ffn: int = WIDTHS["ffn_dim"],
+                text: int = TEXT_TOKENS) -> float:
+    """Multiply-adds x 2 of one Wan block's forward: q, k, v, o and the cross-attention's q, o on the video
+    tokens, k, v on the text; the feed-forward; self-attention logits and values (tokens^2 each)."""
+    linear = tokens * (6 * dim * dim + 2 * dim * ffn) + text * 2 * dim * dim
+    return 2.0 * (linear + 2 * tokens * tokens * dim)
+
+
+def amf_cost(frames: int, threads: int, span: int = 4) -> dict[str, Any]:
+    """Seconds of the soft AMF's forward and backward (streamed per frame pair, checkpointed) at the 1.3B token
+    grid per frame (30 x 52, 12 heads of 128) over `frames` latent frames, for all pairs and for FastVMT's forward
+    pairs within `span`; per pair, and scaled to 480x832x81 (441 and 78 pairs) beside the FLOPs of the 15 blocks
+    an optimisation iteration runs forward (to block 14)."""
+    import torch
+
+    from motionclone.motion_core.dit.amf import frame_pairs, soft_amf
+
+    torch.set_num_threads(threads)
+    _, h, w = GRID_13B
+    grid = (frames, h, w)
+    gen = torch.Generator().manual_seed(0)
+    heads, head_dim = WIDTHS["num_heads"], WIDTHS["dim"] // WIDTHS["num_heads"]
+    q = torch.randn(1, frames * h * w, heads, head_dim, generator=gen).requires_grad_(True)
+    k = torch.randn(1, frames * h * w, heads, head_dim, generator=gen).requires_grad_(True)
+    out: dict[str, Any] = {"frames": frames, "grid": [h, w]}
+    for name, pairs in (("all", frame_pairs(frames)), ("forward", frame_pairs(frames, span))):
+        soft_amf(q, k, grid, pairs[:1]).sum().backward()  # warm-up
+        t0 = time.perf_counter()
+        soft_amf(q, k, grid, pairs).square().mean().backward()
+        seconds = time.perf_counter() - t0
+        out[name] = {"pairs": len(pairs), "s": seconds, "per_pair_s": seconds / len(pairs)}
+    f13, _, _ = GRID_13B
+    out["pairs_13b"] = {"all": len(frame_pairs(f13)), "forward": len(frame_pairs(f13, span))}
+    tokens = f13 * h * w
+    pair_flops = 2.0 * (h * w) ** 2 * WIDTHS["dim"]  # the logits of one pair block
+    # An iteration: 15 blocks forward, their recompute and backward (about 4x a forward); the AMF likewise ~3x.
+    out["share_13b"] = {name: 3 * n * pair_flops / (4 * 15 * block_flops(tokens))
+                        for name, n in out["pairs_13b"].items()}
+    return out

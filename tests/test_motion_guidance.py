@@ -280,6 +280,25 @@ def test_weight_zero_is_bit_identical_to_ksampler(model, motion, context):
     assert not torch.equal(guided["samples"], expected["samples"])
 
 
+def test_a_run_that_starts_below_the_guided_band_says_so(model, motion, context, caplog):
+    """denoise 0.5 starts below r = 0.4's band (timesteps >= 600): nothing is guided, KSampler's sample, and a
+    warning names guided_steps, which then guides the run's first steps."""
+    import logging
+
+    import nodes
+
+    latent = {"samples": torch.zeros(FRAMES, 4, SIZE, SIZE)}
+    args = {**_ksampler_args(context, steps=4), "denoise": 0.5}
+    settings = dict(motion=motion, guidance_weight=2000.0, noisy_fraction=0.4, warmup=0, cooldown=0)
+    with caplog.at_level(logging.WARNING):
+        out = motion_nodes.MotionGuidedSampler.execute(model, latent_image=latent, guided_steps=0, **args, **settings)
+    assert any("no step of this run was guided" in r.getMessage() for r in caplog.records)
+    (expected,) = nodes.KSampler().sample(model, latent_image=latent, **args)
+    assert torch.equal(out.result[0]["samples"], expected["samples"])
+    guided = motion_nodes.MotionGuidedSampler.execute(model, latent_image=latent, guided_steps=2, **args, **settings)
+    assert [e["step"] for e in guided.ui["motion_loss"]] == [0, 1]
+
+
 def test_loss_plot_output_and_weight_zero_measures_without_changing_the_sample(model, motion, context, caplog):
     """The sampler's second output plots the motion loss per guided step; at weight 0 the loss is measured
     along the unguided trajectory (sample bit-identical to KSampler above) and is higher than the guided

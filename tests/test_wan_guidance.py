@@ -184,3 +184,22 @@ def test_checkpointed_blocks_give_the_same_gradient_with_a_lower_peak(motion):
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
     assert grads[True].abs().sum() > 0
     assert peaks[True] < peaks[False]
+
+
+def test_a_noised_reference_start_is_denoise_and_guided_steps(wan, motion, caplog):
+    """FastVMT's start, the reference latent noised to the first sigma, is core's img2img: the reference's LATENT
+    as latent_image with denoise < 1. The r band then holds no step (it starts below it): a warning says to set
+    guided_steps, which guides the first steps of the shortened run."""
+    import logging
+
+    reference = {"samples": torch.randn(*LATENT, generator=torch.Generator().manual_seed(1))}
+    with caplog.at_level(logging.WARNING):
+        unguided = MotionGuidedSampler.execute(wan, 7, 8, 5.0, "euler", "simple", _cond(3), _cond(4), reference,
+                                               0.75, motion, 50000.0, 0, 0.2, 0, 0)
+    assert any("no step of this run is guided" in r.getMessage() for r in caplog.records)
+    (core,) = nodes.common_ksampler(wan, 7, 8, 5.0, "euler", "simple", _cond(3), _cond(4), reference, denoise=0.75)
+    assert torch.equal(unguided.result[0]["samples"], core["samples"])
+    guided = MotionGuidedSampler.execute(wan, 7, 8, 5.0, "euler", "simple", _cond(3), _cond(4), reference, 0.75,
+                                         motion, 50000.0, 2, 0.2, 0, 0)
+    assert [e["step"] for e in guided.ui["motion_loss"]] == [0, 1]
+    assert not torch.equal(guided.result[0]["samples"], core["samples"])

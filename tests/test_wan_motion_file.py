@@ -73,6 +73,21 @@ def test_blocks_and_pair_span_are_chosen_by_the_user(wan):
         _extract(wan, layers="7")
     with pytest.raises(ValueError, match="transformer blocks"):
         _extract(wan, layers="down_blocks.1")
+    # frame_pairs k: FastVMT's forward pairs (each latent frame with the next k - 1), the same displacements as
+    # those pairs' in the all-pairs motion.
+    every, forward = _extract(wan), _extract(wan, frame_pairs=2)
+    assert forward.pairs == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)] and len(every.pairs) == 9
+    rows = [every.pairs.index(pair) for pair in forward.pairs]
+    assert torch.equal(forward.flows[2], every.flows[2][rows])
+    latent = {"samples": torch.zeros(*LATENT)}
+    out = MotionGuidedSampler.execute(wan, 7, 3, 5.0, "euler", "simple", _context(), _context(), latent, 1.0,
+                                      forward, 50000.0, 1, 0.2, 0, 0)
+    assert len(out.ui["motion_loss"]) == 1 and out.ui["motion_loss"][0]["loss"] > 0
+    from motionclone.motion_core.tiny_models import build_tiny_sd15_model
+
+    with pytest.raises(ValueError, match="frame_pairs applies to Wan models"):
+        ExtractSparseMotion.execute(build_tiny_sd15_model(seed=0), timestep=400, seed=5, top_k=1, layers="up_blocks.1",
+                                    latent={"samples": torch.zeros(4, 4, 8, 8)}, positive=_context(), frame_pairs=4)
 
 
 def test_save_and_load_keep_the_wan_motion(wan, tmp_path):

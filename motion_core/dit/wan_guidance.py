@@ -169,8 +169,15 @@ class WanMotionGuidance:
 
         model = guider.inner_model
         sampling = model.model_sampling
-        guided = guided_count(sigmas, self.settings, float(getattr(sampling, "shift", 1.0)))
+        shift = float(getattr(sampling, "shift", 1.0))
+        guided = guided_count(sigmas, self.settings, shift)
         if guided == 0:
+            import logging
+
+            logging.warning("MotionClone on Wan: no step of this run is guided: r = %g guides unshifted times above "
+                            "%g, and the run starts at %.3f (denoise < 1 starts lower). Set guided_steps to guide the "
+                            "first steps of such a run.", self.settings.noisy_fraction,
+                            1.0 - self.settings.noisy_fraction, unshifted_time(float(sigmas[0]), shift))
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         if denoise_mask is not None:
             raise ValueError("MotionClone on Wan: a noise mask (inpainting) is not supported with guidance")
