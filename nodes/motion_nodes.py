@@ -156,19 +156,29 @@ class ExtractSparseMotion(io.ComfyNode):
                                      "(DiTFlow; grows with the square of the frames); k = each frame with the next "
                                      "k - 1 (FastVMT's forward pairs, k = 4: 78 pairs instead of 441 at 81 frames).",
                              **advanced(io.Int.Input)),
+                io.Boolean.Input("kv_injection", default=False, optional=True,
+                                 tooltip="Wan only, off by default (DiTFlow's reference-content option): the MOTION "
+                                         "keeps the reference latent, and on the guided steps block 0's keys and "
+                                         "values of the reference, noised to the step with the sampler's noise, "
+                                         "replace the new video's. Carries the reference's content and layout, "
+                                         "not only its motion.", **advanced(io.Boolean.Input)),
             ],
             outputs=[Motion.Output()],
         )
 
     @classmethod
     def execute(cls, model, timestep, seed, top_k, layers, vae=None, images=None, latent=None, positive=None,
-                clip=None, image_condition=None, mask=None, frame_pairs: int = 0) -> io.NodeOutput:
+                clip=None, image_condition=None, mask=None, frame_pairs: int = 0,
+                kv_injection: bool = False) -> io.NodeOutput:
         if is_wan_model(model):
             return io.NodeOutput(_extract_wan(model, timestep, seed, layers, vae, images, latent, positive, clip,
-                                              image_condition, mask, frame_pairs))
+                                              image_condition, mask, frame_pairs, kv_injection))
         if frame_pairs:
             raise ValueError("Extract Sparse Motion: frame_pairs applies to Wan models (their motion flow between "
                              "latent frames); an AnimateDiff motion module relates all its frames: set it to 0")
+        if kv_injection:
+            raise ValueError("Extract Sparse Motion: kv_injection applies to Wan models only (DiTFlow's key/value "
+                             "injection); turn it off for an AnimateDiff model")
         chosen = select_layers(attention_layers_of(model), layers)
         if latent is not None:
             latents = latent["samples"]
@@ -341,7 +351,7 @@ class MotionCloneUnevenSchedule(io.ComfyNode):
 
 
 def _extract_wan(model, timestep, seed, layers, vae, images, latent, positive, clip, image_condition,
-                 mask, frame_pairs: int = 0) -> WanMotion:
+                 mask, frame_pairs: int = 0, kv_injection: bool = False) -> WanMotion:
     """Extract Sparse Motion on a native Wan MODEL: the reference's attention motion flow (docs/wan.md)."""
     if image_condition is not None or mask is not None:
         raise ValueError("Extract Sparse Motion: image_condition and mask are not supported on Wan models yet")
@@ -367,7 +377,8 @@ def _extract_wan(model, timestep, seed, layers, vae, images, latent, positive, c
     # The widget's SD default names an SD layer; on Wan it means the default block.
     blocks = parse_blocks("auto" if layers.strip() == "up_blocks.1" else layers, len(blocks))
     return extract_wan_motion(model, latents, positive[0][0], blocks, sigma=timestep / 1000.0, seed=seed,
-                              pair_span=frame_pairs or None, model_fingerprint=wan_fingerprint(model))
+                              pair_span=frame_pairs or None, model_fingerprint=wan_fingerprint(model),
+                              kv_injection=bool(kv_injection))
 
 
 class SaveMotion(io.ComfyNode):

@@ -203,3 +203,68 @@ def test_a_noised_reference_start_is_denoise_and_guided_steps(wan, motion, caplo
                                          motion, 50000.0, 2, 0.2, 0, 0)
     assert [e["step"] for e in guided.ui["motion_loss"]] == [0, 1]
     assert not torch.equal(guided.result[0]["samples"], core["samples"])
+
+
+def test_kv_injection_gives_every_forward_of_a_guided_step_the_references_keys_and_values(wan, motion):
+    """kv_injection (off by default): on each guided step the reference, noised to that sigma with the sampler's
+    initial noise and run with the target prompt, gives block 0's k and v projections to every forward of the
+    step (the optimisation's and the CFG denoiser's); the steps after the prefix run as without it."""
+    import comfy.samplers
+
+    reference = torch.randn(*LATENT, generator=torch.Generator().manual_seed(1))
+    injected = ExtractSparseMotion.execute(wan, timestep=400, seed=5, top_k=1, layers="auto",
+                                           latent={"samples": reference}, positive=_cond(2),
+                                           kv_injection=True).result[0]
+    assert motion.injection_latent is None and torch.equal(injected.injection_latent, reference)
+    assert all(flow.equal(motion.flows[b]) for b, flow in injected.flows.items())
+    key = "diffusion_model.blocks.0.self_attn.k"
+    settings = WanGuidanceSettings(step_size=0.05, guided_steps=2)
+    assert key not in WanMotionGuidance(motion, settings).patch(wan).object_patches  # off by default
+    patched = WanMotionGuidance(injected, settings).patch(wan)
+    seen = {"step": 0, "k": []}
+    handle = patched.object_patches[key].register_forward_hook(
+        lambda module, args, out: seen["k"].append((seen["step"], out.detach().clone())))
+    out = _sample(patched, steps=4, callback=lambda i, x0, x, total: seen.__setitem__("step", i + 1))
+    handle.remove()
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([wan])  # the unpatched MODEL again: the object patches come off
+    assert not type(wan.model.diffusion_model.blocks[0].self_attn.k).__name__.startswith("KVInjected")
+
+    # Step 0's reference k by hand: sigma_0 * noise + (1 - sigma_0) * x0, the positive prompt, the unpatched model.
+    sampling = wan.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", 4)
+    noise = comfy.sample.prepare_noise(torch.zeros(*LATENT), 7)
+    x_ref = sigmas[0] * noise + (1 - sigmas[0]) * wan.model.process_latent_in(reference)
+    by_hand = []
+    hook = wan.model.diffusion_model.blocks[0].self_attn.k.register_forward_hook(
+        lambda module, args, o: by_hand.append(o.detach().clone()))
+    with torch.no_grad():
+        wan.model.diffusion_model(x_ref, sampling.timestep(sigmas[:1]), _cond(3)[0][0])
+    hook.remove()
+    step0 = [k for s, k in seen["k"] if s == 0]
+    assert len(step0) > 5  # the recording, the optimisation's forwards (5 iterations) and the CFG denoiser's
+    for k in step0:
+        torch.testing.assert_close(k, by_hand[0].expand_as(k), rtol=1e-5, atol=1e-6)
+    step1 = [k for s, k in seen["k"] if s == 1]
+    assert all(torch.equal(k, step1[0].expand_as(k)) for k in step1) and not torch.allclose(step1[0], step0[0])
+    after = [k for s, k in seen["k"] if s >= 2]  # the user's sampler on the rest: the video's own keys
+    assert after and not any(torch.allclose(k[:1], step1[0][:1]) for k in after)
+    without = _sample(WanMotionGuidance(motion, settings).patch(wan), steps=4)
+    assert not torch.allclose(out, without)
+
+
+def test_kv_injection_survives_save_and_load_and_is_refused_on_sd(wan, tmp_path):
+    from motionclone.motion_core.tiny_models import build_tiny_sd15_model
+    from motionclone.motion_core.windowed_motion import load_motion
+
+    reference = torch.randn(*LATENT, generator=torch.Generator().manual_seed(1))
+    injected = ExtractSparseMotion.execute(wan, timestep=400, seed=5, top_k=1, layers="auto",
+                                           latent={"samples": reference}, positive=_cond(2),
+                                           kv_injection=True).result[0]
+    injected.save(tmp_path / "inj.motion.safetensors")
+    loaded = load_motion(tmp_path / "inj.motion.safetensors")
+    assert torch.equal(loaded.injection_latent, reference)
+    with pytest.raises(ValueError, match="kv_injection applies to Wan models only"):
+        ExtractSparseMotion.execute(build_tiny_sd15_model(seed=0), timestep=400, seed=5, top_k=1, layers="up_blocks.1",
+                                    latent={"samples": torch.zeros(4, 4, 8, 8)}, positive=_cond(2), kv_injection=True)

@@ -204,7 +204,8 @@ def test_wan_settings(name):
     assert (frames - 1) % 4 == 0 and (latent["length"], latent["width"], latent["height"]) == (
         frames, ref["width"], ref["height"]) == (33, 832, 480)
     (ext,) = _by_type(api, "ExtractSparseMotion")
-    assert (ext["top_k"], ext["layers"], ext["frame_pairs"]) == (1, "auto", 0)  # DiTFlow: every frame pair
+    # every frame pair (DiTFlow); key/value injection off by default (DiTFlow's code turns it on: opt-in here)
+    assert (ext["top_k"], ext["layers"], ext["frame_pairs"], ext["kv_injection"]) == (1, "auto", 0, False)
     (sampler,) = _by_type(api, "MotionGuidedSampler")
     assert (sampler["steps"], sampler["guided_steps"], sampler["noisy_fraction"], sampler["guidance_weight"],
             sampler["gradient_every"], sampler["sampler_name"], sampler["scheduler"]) == (

@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from ..inference_tensors import normal_tensors_for_grad
 from .amf import amf_loss, soft_amf
 from .wan_capture import capture_qk, differentiable_kernels
+from .wan_injection import active, injection_patches, record_reference_kv
 from .wan_motion import WanMotion, wan_diffusion_model
 
 WRAPPER_KEY = "motionclone_wan_guidance"
@@ -189,16 +190,24 @@ class WanMotionGuidance:
         denoiser = comfy.samplers.KSamplerX0Inpaint(guider, sigmas)
         args = {**extra_args, "denoise_mask": None}
         total = len(sigmas) - 1
+        reference = None
+        if self.motion.injection_latent is not None:
+            reference = model.process_latent_in(self.motion.injection_latent.to(noise.device, torch.float32))
         for i in range(guided):  # progress and previews: the caller's callback, as its sampler would call it
             comfy.model_management.throw_exception_if_processing_interrupted()
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            x = self._optimise(model, x, float(sigma), context, i, guided, options)
-            with torch.no_grad():
-                denoised = denoiser(x, sigma * x.new_ones((x.shape[0],)), **args)
-                if callback is not None:
-                    callback(i, denoised, x, total)
-                # k-diffusion's Euler (to_d, then dt), operation for operation
-                x = denoised if float(sigma_next) == 0 else x + (x - denoised) / sigma * (sigma_next - sigma)
+            injection = None
+            if reference is not None:  # DiTFlow: the reference noised to this sigma with the initial noise
+                injection = self._reference_kv(model, sampling.noise_scaling(sigma, noise, reference), float(sigma),
+                                               context, options)
+            with active(injection):
+                x = self._optimise(model, x, float(sigma), context, i, guided, options)
+                with torch.no_grad():
+                    denoised = denoiser(x, sigma * x.new_ones((x.shape[0],)), **args)
+            if callback is not None:
+                callback(i, denoised, x, total)
+            # k-diffusion's Euler (to_d, then dt), operation for operation
+            x = denoised if float(sigma_next) == 0 else x + (x - denoised) / sigma * (sigma_next - sigma)
         if guided == total:
             return sampling.inverse_noise_scaling(sigmas[-1], x)
         rest = sigmas[guided:]
@@ -210,6 +219,14 @@ class WanMotionGuidance:
 
         return executor(guider, rest, extra_args, shifted, x / (rest[0] * scale), torch.zeros_like(x), None,
                         disable_pbar)
+
+    @staticmethod
+    def _reference_kv(model, x_ref: torch.Tensor, sigma: float, context: torch.Tensor, options: dict):
+        sampling = model.model_sampling
+        dtype = model.get_dtype()
+        s = torch.full((1,), sigma, device=x_ref.device)
+        return record_reference_kv(model.diffusion_model, sampling.calculate_input(s, x_ref[:1]).to(dtype),
+                                   sampling.timestep(s).to(dtype), context[:1].to(x_ref.device, dtype), options)
 
     def patch(self, model):
         """A clone of `model` whose sampling runs the guided prefix; the input MODEL is left as it is."""
@@ -224,6 +241,9 @@ class WanMotionGuidance:
         patched = model.clone()
         if self.settings.step_size > 0:
             patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, self._sample)
+            if self.motion.injection_latent is not None:
+                for key, module in injection_patches(patched).items():
+                    patched.add_object_patch(key, module)
         else:  # weight 0: the sampler runs untouched; the loss is only measured along its run
             patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
                                          self._measure)

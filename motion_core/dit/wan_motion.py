@@ -99,6 +99,9 @@ class WanMotion:
     tau: float = DITFLOW_TAU
     model_fingerprint: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # The reference LATENT [1, C, T', H', W'] (as given, before the latent format) when the guidance is to inject
+    # its keys and values (wan_injection.py, DiTFlow's reference-content option); None: no injection.
+    injection_latent: torch.Tensor | None = None
     family: ClassVar[str] = WAN_FAMILY
 
     def __post_init__(self) -> None:
@@ -114,6 +117,10 @@ class WanMotion:
             if tuple(flow.shape) != (len(self.pairs), h * w, 2) or flow.dtype != torch.int16:
                 raise ValueError(f"block {block}: flow must be int16 [{len(self.pairs)}, {h * w}, 2], got "
                                  f"{flow.dtype} {tuple(flow.shape)}")
+        if self.injection_latent is not None and (self.injection_latent.ndim != 5 or
+                                                  tuple(self.injection_latent.shape[-3:]) != self.latent_shape):
+            raise ValueError(f"the injection latent must be [1, C, {', '.join(map(str, self.latent_shape))}], got "
+                             f"{tuple(self.injection_latent.shape)}")
 
     @property
     def blocks(self) -> list[int]:
@@ -141,6 +148,8 @@ class WanMotion:
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {f"block{b}.flow": self.flows[b].detach().cpu().contiguous() for b in self.blocks}
+        if self.injection_latent is not None:
+            tensors["injection_latent"] = self.injection_latent.detach().float().cpu().contiguous()
         info = {"family": self.family, "blocks": self.blocks, "pairs": self.pairs, "grid": list(self.grid),
                 "latent_shape": list(self.latent_shape), "sigma": self.sigma, "tau": self.tau,
                 "model_fingerprint": self.model_fingerprint, "extra": self.extra}
@@ -160,6 +169,7 @@ class WanMotion:
                 if missing := [f"block{b}.flow" for b in info["blocks"] if f"block{b}.flow" not in keys]:
                     raise MotionFileError(f"{path}: Wan motion file lacks tensors {missing}")
                 flows = {int(b): f.get_tensor(f"block{b}.flow") for b in info["blocks"]}
+                injection = f.get_tensor("injection_latent") if "injection_latent" in keys else None
         except MotionFileError:
             raise
         except SafetensorError as e:
@@ -172,7 +182,7 @@ class WanMotion:
                        latent_shape=tuple(info["latent_shape"]), sigma=float(info["sigma"]),
                        tau=float(info.get("tau", DITFLOW_TAU)),
                        model_fingerprint=str(info.get("model_fingerprint", "")),
-                       extra={str(k): str(v) for k, v in info.get("extra", {}).items()})
+                       extra={str(k): str(v) for k, v in info.get("extra", {}).items()}, injection_latent=injection)
         except (KeyError, ValueError, TypeError) as e:
             raise MotionFileError(f"{path}: invalid Wan motion file: {e}") from e
 
@@ -191,12 +201,15 @@ def extract_wan_motion(
     seed: int = 0,
     pair_span: int | None = None,
     model_fingerprint: str = "",
+    kv_injection: bool = False,
 ) -> WanMotion:
     """The reference motion of a Wan latent [1, 16, T', H', W'] (as a LATENT holds it, before the latent format).
 
     context: the conditional text embedding [1, L, D] (DiTFlow uses the empty prompt). sigma in [0, 1):
     the reference's noise level (0: DiTFlow's clean reference). pair_span None: all T'^2 frame pairs
     (DiTFlow); k: FastVMT's forward pairs j - i < k. One stopped forward per block, no autograd.
+    kv_injection: the MOTION keeps the reference latent, and the guidance injects its block-0 keys and values
+    on the guided steps (wan_injection.py).
     """
     import comfy.model_management
     import comfy.sample
@@ -227,4 +240,5 @@ def extract_wan_motion(
                                differentiable=False, transformer_options=options)
             flows[block] = argmax_amf(state.q[:1], state.k[:1], grid, pairs)[0].cpu()
     return WanMotion(flows=flows, pairs=pairs, grid=grid, latent_shape=tuple(latent.shape[-3:]), sigma=float(sigma),
-                     model_fingerprint=model_fingerprint, extra={"pair_span": str(pair_span or "all")})
+                     model_fingerprint=model_fingerprint, extra={"pair_span": str(pair_span or "all")},
+                     injection_latent=latent.detach().float().cpu().clone() if kv_injection else None)
