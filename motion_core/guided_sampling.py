@@ -340,9 +340,15 @@ class MotionGuidance:
             return LinearBytes.through(*points).at(height, width) * MEMORY_MARGIN
 
         free = comfy.model_management.get_free_memory(x_in.device)
-        needs = self.estimates_by_choice[key] = {keep: need(keep) for keep in
-                                                 ((True, False) if mode == "auto" else (mode == "fast",))}
-        keep = needs[True] <= AUTO_FAST_SHARE * free if mode == "auto" else mode == "fast"
+        needs = self.estimates_by_choice[key] = {}
+        if mode == "auto":  # the kept graph first: when it fits, the checkpointed one need not be measured
+            needs[True] = need(True)
+            keep = needs[True] <= AUTO_FAST_SHARE * free
+            if not keep:
+                needs[False] = need(False)
+        else:
+            keep = mode == "fast"
+            needs[keep] = need(keep)
         self.keeps_graph[key] = keep
         required = self.memory_estimates[key] = needs[keep]
         logging.info("MotionClone: a guided step of %d frames at %dx%d latent needs about %s with %s (%s; free: %s)",
