@@ -183,11 +183,16 @@ def save_compact_checkpoint(
     file); None keeps each tensor's dtype. The tensors are checked against
     `architecture` before writing, so the file is guaranteed to load.
     """
-    import comfy.utils
-
     path = Path(path)
     _validate_architecture(architecture, path)
-    sd = _state_dict_for_saving(model, clip, vae)
+    return _write_checked(path, _state_dict_for_saving(model, clip, vae), architecture, dtype)
+
+
+def _write_checked(path: Path, sd: dict[str, torch.Tensor], architecture: dict[str, Any],
+                   dtype: torch.dtype | None) -> Path:
+    """Cast floating tensors to `dtype` (None: as they are), check them against `architecture`, write the file."""
+    import comfy.utils
+
     for key, tensor in sd.items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
@@ -238,12 +243,10 @@ def write_tiny_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
 
 def write_tiny_wan_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
     """Write a compact checkpoint of a tiny Wan 2.1 T2V (dit/wan_tiny.py), the tiny CLIP as its text encoder
-    and a tiny Wan 2.1 VAE, with seeded random weights, as float16 (about 0.5 MB)."""
-    import comfy.utils
-
+    and a tiny Wan 2.1 VAE, with seeded random weights, as float16 (about 5 MB, most of it the CLIP's
+    vocabulary)."""
     from .dit.wan_tiny import build_tiny_wan, build_wan_vae, init_wan_vae_
 
-    path = Path(path)
     architecture = tiny_wan_architecture()
     unet = build_tiny_wan(seed)
     clip = build_clip(architecture["clip"], None)
@@ -254,11 +257,7 @@ def write_tiny_wan_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
     sd.update({CLIP_PREFIX + k.removeprefix(_CLIP_MODULE_PREFIX): v for k, v in clip.get_sd().items()
                if k not in _CLIP_UNSAVED})
     sd.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
-    sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
-    _check_weights(path, _expected_shapes(architecture, path), sd)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    comfy.utils.save_torch_file(sd, str(path), metadata={ARCHITECTURE_METADATA_KEY: json.dumps(architecture)})
-    return path
+    return _write_checked(Path(path), sd, architecture, torch.float16)
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -308,14 +307,9 @@ def _expected_shapes(architecture: dict[str, Any], path: Path) -> dict[str, torc
     meta = torch.device("meta")
     try:
         if family_of(architecture) == WAN_FAMILY:
-            import comfy.ldm.wan.model
-            import comfy.ops
+            from .dit.wan_tiny import build_wan_vae, wan_module
 
-            from .dit.wan_tiny import build_wan_vae
-
-            config = {**architecture["unet"], "patch_size": tuple(architecture["unet"].get("patch_size", (1, 2, 2)))}
-            unet = comfy.ldm.wan.model.WanModel(**config, device=meta, dtype=torch.float32,
-                                                operations=comfy.ops.manual_cast)
+            unet = wan_module(architecture["unet"], meta)
             with meta:
                 vae = build_wan_vae(architecture["vae"]["dim"])
         else:

@@ -484,19 +484,15 @@ def main(argv: list[str]) -> None:
         mode, frames, size, steps, threads = argv[1], *map(int, argv[2:6])
         print(json.dumps(_guidance_worker(mode, frames, size, steps, threads)))
         return
-    if argv and argv[0] == "_wan_worker":
+    if argv and argv[0] in ("_wan_worker", "_wan_amf"):
         _bootstrap()
         sys.path.insert(0, str(ROOT / "scripts"))
         import wan_bench
 
-        print(json.dumps(wan_bench.worker(argv[1], *map(int, argv[2:8]))))
-        return
-    if argv and argv[0] == "_wan_amf":
-        _bootstrap()
-        sys.path.insert(0, str(ROOT / "scripts"))
-        import wan_bench
-
-        print(json.dumps(wan_bench.amf_cost(*map(int, argv[1:3]))))
+        if argv[0] == "_wan_worker":
+            print(json.dumps(wan_bench.worker(argv[1], *map(int, argv[2:8]))))
+        else:
+            print(json.dumps(wan_bench.amf_cost(*map(int, argv[1:3]))))
         return
     if argv and argv[0] in ("_realscale_worker", "_realscale_breakdown", "_realscale_guided_breakdown"):
         _bootstrap()

@@ -9,11 +9,13 @@ Per-block figures are what scale: `estimate_13b` extrapolates them to 30 blocks 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 WIDTHS = {"dim": 1536, "num_heads": 12, "ffn_dim": 8960, "freq_dim": 256, "text_dim": 4096}
 TEXT_TOKENS = 512  # Wan pads umT5 prompts to 512 tokens
+GRID_13B = (21, 30, 52)  # Wan 2.1 1.3B at 480x832x81: 21 latent frames of 30 x 52 tokens
 
 
 def _model(blocks: int, threads: int):
@@ -100,7 +102,7 @@ def estimate_13b(small: dict[str, dict[str, Any]], large: dict[str, dict[str, An
     block, its recompute and a backward (input gradients only); measured in plain steps (two full
     forwards) on this model, taken to 15 of 30 blocks by the path's share of the model."""
     dim = WIDTHS["dim"]
-    tokens = 21 * 30 * 52
+    tokens = math.prod(GRID_13B)
     block, blocks = large["plain"]["block"], large["plain"]["blocks"]
     dn = large["plain"]["tokens"] - small["plain"]["tokens"]
     slope = (large["guided"]["iteration_peak"] - small["guided"]["iteration_peak"]) / dn
@@ -110,10 +112,6 @@ def estimate_13b(small: dict[str, dict[str, Any]], large: dict[str, dict[str, An
     step_ratio = 1.0 + iterations * per_iteration_13b
     return {"tokens": tokens, "slope": slope, "guided_activations_gb": slope_13b * tokens / 1024**3,
             "step_ratio": step_ratio, "generation_ratio": (40 + 10 * step_ratio) / 50}
-
-
-# Wan 2.1 1.3B at 480x832x81: 21 latent frames of 30 x 52 tokens; what one block's forward costs in FLOPs.
-GRID_13B = (21, 30, 52)
 
 
 def block_flops(tokens: int, dim: int = WIDTHS["dim"], ffn: int = WIDTHS["ffn_dim"],

@@ -19,6 +19,7 @@ recomputes one block at a time, instead of every block's attention and feed-forw
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,8 +174,6 @@ class WanMotionGuidance:
         shift = float(getattr(sampling, "shift", 1.0))
         guided = guided_count(sigmas, self.settings, shift)
         if guided == 0:
-            import logging
-
             logging.warning("MotionClone on Wan: no step of this run is guided: r = %g guides unshifted times above "
                             "%g, and the run starts at %.3f (denoise < 1 starts lower). Set guided_steps to guide the "
                             "first steps of such a run.", self.settings.noisy_fraction,

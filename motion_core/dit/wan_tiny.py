@@ -33,20 +33,28 @@ TINY_WAN_CONFIG: dict[str, Any] = {
 }
 
 
+def wan_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """WanModel keyword arguments from a config that may have been through JSON (patch_size as a list)."""
+    return {**config, "patch_size": tuple(config.get("patch_size", (1, 2, 2)))}
+
+
+def wan_module(config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """ComfyUI's `WanModel` for `config`, float32 with manual_cast ops (weights unset; `meta` gives shapes only)."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    return comfy.ldm.wan.model.WanModel(**wan_kwargs(config), device=device, dtype=torch.float32,
+                                        operations=comfy.ops.manual_cast)
+
+
 def build_tiny_wan(seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """The bare diffusion model (`WanModel`, eval mode, float32, CPU); `overrides` change TINY_WAN_CONFIG entries.
 
     manual_cast ops, as ComfyUI uses when weights and compute dtypes may differ; they skip weight init,
     so every parameter is filled from `seed` (`tiny_models.init_weights_`).
     """
-    import comfy.ldm.wan.model
-    import comfy.ops
-
-    config = {**TINY_WAN_CONFIG, **overrides}
     with torch.inference_mode(False):  # weights usable under autograd even if built inside a ComfyUI node
-        model = comfy.ldm.wan.model.WanModel(
-            **config, device=torch.device("cpu"), dtype=torch.float32, operations=comfy.ops.manual_cast
-        )
+        model = wan_module({**TINY_WAN_CONFIG, **overrides}, torch.device("cpu"))
         init_weights_(model, seed)
     return model.eval()
 
@@ -83,7 +91,7 @@ def wan_model_patcher(config: dict[str, Any], state_dict: dict[str, torch.Tensor
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = {"image_model": "wan2.1", **config, "patch_size": tuple(config.get("patch_size", (1, 2, 2)))}
+    config = {"image_model": "wan2.1", **wan_kwargs(config)}
     model_config = comfy.supported_models.WAN21_T2V(config)
     model_config.set_inference_dtype(torch.float32, None)
     with torch.inference_mode(False):
