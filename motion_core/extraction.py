@@ -16,7 +16,7 @@ import torch
 from .attention_capture import CaptureState, StopForward
 from .context_windows import settings_of, window_frames
 from .injection import CAPTURE_KEY, INFO_KEY
-from .region_mask import RegionMaskError, normalize_mask, token_masks
+from .region_mask import normalize_mask, token_masks
 from .sparse_motion import SparseMotion
 from .windowed_motion import MotionWindow, WindowedMotion
 
@@ -55,9 +55,6 @@ def extract_sparse_motion(
     info = model.model_options["transformer_options"][INFO_KEY]["info"]
     windows = window_frames(model, frames, info.max_frames)
     region = normalize_mask(mask, frames, height, width, "reference mask")
-    if region is not None and windows is not None:
-        raise RegionMaskError("region masks are not supported with context windows yet: extract without the mask, "
-                              "or without context windows")
     masks = token_masks(region, layers, height, width) if region is not None else {}
     comfy.model_management.load_models_gpu([model])
     base = model.model
@@ -79,7 +76,10 @@ def extract_sparse_motion(
     for window in windows:
         comfy.model_management.throw_exception_if_processing_interrupted()
         probs = _record(model, x[list(window)], sigma, context, layers, None)
-        parts.append(MotionWindow(window, SparseMotion.from_probs(probs, frames=len(window), **made)))
+        # A region's rows are per frame, so a window's region is its frames' columns.
+        window_masks = {name: m[:, list(window)] for name, m in masks.items()}
+        parts.append(MotionWindow(window, SparseMotion.from_probs(probs, frames=len(window), masks=window_masks,
+                                                                  **made)))
     return WindowedMotion(parts, frames, settings_of(model))
 
 

@@ -167,16 +167,21 @@ class MotionGuidance:
         """`mask`: optional target region (a ComfyUI MASK, region_mask.py) where the motion is applied."""
         self.motion = motion
         self.settings = settings
-        self.region: RegionGuide | None = None
-        masked = isinstance(motion, SparseMotion) and bool(motion.masks)
-        if isinstance(motion, WindowedMotion) and mask is not None:
-            raise RegionMaskError("region masks are not supported with context windows yet: sample without the "
-                                  "mask, or without context windows")
-        if mask is not None or masked:
+        # The region of each context window's frames (None: outside context windows); None where nothing is masked.
+        self.regions: dict[tuple[int, ...] | None, RegionGuide | None] = {}
+        parts = ([(w.frames, w.motion) for w in motion.windows] if isinstance(motion, WindowedMotion)
+                 else [(None, motion)])
+        if mask is not None or any(part.masks for _, part in parts):
             target = normalize_mask(mask, motion.frames, motion.latent_height, motion.latent_width, "sampler's mask")
-            region = RegionGuide(motion, target)
-            self.region = region if region.active else None
-        if settings.keep_still_weight > 0 and self.region is None:
+            for frames, part in parts:
+                # A window's target is its frames' part of the mask; a part that is all ones is no mask, as a whole
+                # mask that is all ones is.
+                part_target = target if target is None or frames is None else target[list(frames)]
+                if part_target is not None and bool((part_target >= 1.0).all()):
+                    part_target = None
+                region = RegionGuide(part, part_target)
+                self.regions[frames] = region if region.active else None
+        if settings.keep_still_weight > 0 and not any(self.regions.values()):
             raise RegionMaskError("keep_still_weight needs a region (a mask on the sampler or on Extract Sparse "
                                   "Motion): outside it the video is kept still")
         self._grads: dict[float, torch.Tensor] = {}  # sigma -> dL/dz_t awaiting the post-CFG step
@@ -187,6 +192,11 @@ class MotionGuidance:
         self._reused: dict[tuple | None, tuple] = {}
         self.window_losses: dict[tuple, list[tuple[int, float]]] = {}  # context window frames -> (step, loss)
         self.losses: list[tuple[int, float]] = []  # (step, unweighted motion loss), for tests/benchmarks
+
+    @property
+    def region(self) -> RegionGuide | None:
+        """The target region outside context windows (None: the whole frame)."""
+        return self.regions.get(None)
 
     # --- schedule -----------------------------------------------------------------
     def _step_info(self, sigma: float, model_options: dict, model_sampling) -> tuple[int, int, float] | None:
@@ -228,6 +238,7 @@ class MotionGuidance:
             out = self._measure(executor, model, conds, x_in, timestep, model_options, step, motion, window)
             return self._apply(out, last[1] * (scale / last[2]), sigma, sigma_next, window, step)
         keep_graph = self._check_memory(model, conds[0], x_in, timestep, model_options, motion)
+        region = self.regions.get(window)
         uncond_out = None
         if len(conds) > 1 and conds[1] is not None:
             with torch.no_grad():
@@ -240,18 +251,19 @@ class MotionGuidance:
             def on_layer(name: str, probs: torch.Tensor) -> None:
                 if not state.complete:
                     return
-                loss = self._loss(state.probs, motion)
+                loss = self._loss(state.probs, motion, region)
                 self._record_loss(step, float(loss.detach()), window)
-                still = self.settings.keep_still_weight > 0
+                still = self.settings.keep_still_weight > 0 and region is not None
                 (grad_x,) = torch.autograd.grad(loss * scale, x, retain_graph=still)
-                if self.region is not None:
+                if region is not None:
                     # The motion's correction stays in the target region; keep-still acts outside it.
-                    inside = self.region.latent.to(grad_x)
+                    inside = region.latent.to(grad_x)
                     grad_x = grad_x * inside.repeat(grad_x.shape[0] // inside.shape[0], 1, 1, 1)
                 if still:
                     ramp = scale / self.settings.weight
                     weight = self.settings.keep_still_weight * ramp
-                    grad_x = grad_x + torch.autograd.grad(self._keep_still(state.probs) * weight, x)[0]
+                    grad_x = grad_x + torch.autograd.grad(self._keep_still(state.probs, motion, region) * weight,
+                                                          x)[0]
                 _require_finite(grad_x, f"the motion loss gradient at guided step {step}", loss, scale)
                 # dL/dz_t: the model sees z_t = x / sqrt(1 + sigma^2)
                 holder["grad"] = grad_x * math.sqrt(1.0 + sigma * sigma)
@@ -401,7 +413,8 @@ class MotionGuidance:
         out = executor(model, conds, x_in, timestep, options)
         if state.complete:
             with torch.no_grad():
-                self._record_loss(step, float(self._loss(state.conditional_probs(), motion)), window)
+                self._record_loss(step, float(self._loss(state.conditional_probs(), motion, self.regions.get(window))),
+                                  window)
         return out
 
     def loss_curve(self) -> list[tuple[int, float]]:
@@ -419,16 +432,14 @@ class MotionGuidance:
         """Each context window's (guided step, motion loss) of the last run."""
         return {window: _first_per_step(losses) for window, losses in self.window_losses.items()}
 
-    def _loss(self, probs: dict[str, torch.Tensor], motion: SparseMotion) -> torch.Tensor:
-        region = self.region
-
+    def _loss(self, probs: dict[str, torch.Tensor], motion: SparseMotion, region: RegionGuide | None) -> torch.Tensor:
         def loss(chunk: dict[str, torch.Tensor]) -> torch.Tensor:
             return motion_loss(chunk, motion) if region is None else masked_motion_loss(chunk, motion, region)
 
         return self._per_chunk(probs, motion, loss)
 
-    def _keep_still(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._per_chunk(probs, self.motion, lambda chunk: keep_still_loss(chunk, self.region))
+    def _keep_still(self, probs: dict[str, torch.Tensor], motion: SparseMotion, region: RegionGuide) -> torch.Tensor:
+        return self._per_chunk(probs, motion, lambda chunk: keep_still_loss(chunk, region))
 
     @staticmethod
     def _per_chunk(probs: dict[str, torch.Tensor], motion: SparseMotion, loss) -> torch.Tensor:

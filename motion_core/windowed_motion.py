@@ -8,7 +8,9 @@ maps. `WindowedMotion` holds the windows (the latent frames each one sees, in or
 SparseMotion; core's handler decides the windows, the fusing of their predictions stays core's.
 
 File: the MOTION format (sparse_motion.py) at version 2, tensors `w{i}.{layer}.values|indices`,
-metadata `windows` (frame lists) and `context` (the window settings, for messages).
+metadata `windows` (frame lists) and `context` (the window settings, for messages). With a region mask
+(region_mask.py) version 5: the same plus `w{i}.{layer}.mask`, each window's rows of the region (so a
+reader that does not know masks refuses the file instead of guiding the whole frame).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -29,6 +32,7 @@ from .sparse_motion import (
 )
 
 WINDOWED_FORMAT_VERSION = 2
+WINDOWED_MASKED_FORMAT_VERSION = 5
 
 
 @dataclass
@@ -107,11 +111,15 @@ class WindowedMotion:
             for name in w.motion.layers:
                 tensors[f"w{i}.{name}.values"] = w.motion.values[name].detach().cpu().contiguous()
                 tensors[f"w{i}.{name}.indices"] = w.motion.indices[name].detach().cpu().contiguous()
+                if w.motion.masks:
+                    tensors[f"w{i}.{name}.mask"] = w.motion.masks[name].detach().cpu().to(torch.uint8).contiguous()
+        masked = any(w.motion.masks for w in self.windows)
         first = self.windows[0].motion
         info = {**first._metadata(), "frames": self.frames, "windows": [list(w.frames) for w in self.windows],
                 "context": self.context}
         save_file(tensors, os.fspath(path), metadata={"format": FORMAT_NAME,
-                                                      "format_version": str(WINDOWED_FORMAT_VERSION),
+                                                      "format_version": str(WINDOWED_MASKED_FORMAT_VERSION
+                                                                            if masked else WINDOWED_FORMAT_VERSION),
                                                       "motion": json.dumps(info)})
 
 
@@ -121,7 +129,8 @@ def _span(frames: tuple[int, ...]) -> str:
 
 
 def load_motion(path: str | os.PathLike):
-    """A MOTION file of any kind (plain, version 1 or 3 with masks; windowed, version 2; Wan, version 4)."""
+    """A MOTION file of any kind (plain, version 1 or 3 with masks; windowed, version 2 or 5 with masks; Wan,
+    version 4)."""
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -132,8 +141,10 @@ def load_motion(path: str | os.PathLike):
 
     if is_wan_motion_file(meta):
         return WanMotion.load(path)
-    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != str(WINDOWED_FORMAT_VERSION):
+    windowed_versions = (str(WINDOWED_FORMAT_VERSION), str(WINDOWED_MASKED_FORMAT_VERSION))
+    if meta.get("format") != FORMAT_NAME or meta.get("format_version") not in windowed_versions:
         return SparseMotion.load(path)
+    masked = meta["format_version"] == str(WINDOWED_MASKED_FORMAT_VERSION)
     try:
         info = json.loads(meta["motion"])
         windows = [tuple(int(i) for i in frames) for frames in info["windows"]]
@@ -141,17 +152,19 @@ def load_motion(path: str | os.PathLike):
             keys = set(f.keys())
             parts = []
             for i, frames in enumerate(windows):
-                wanted = [f"w{i}.{n}.{kind}" for n in info["layers"] for kind in ("values", "indices")]
+                kinds = ("values", "indices", "mask") if masked else ("values", "indices")
+                wanted = [f"w{i}.{n}.{kind}" for n in info["layers"] for kind in kinds]
                 if missing := [k for k in wanted if k not in keys]:
                     raise MotionFileError(f"{path}: motion file lacks tensors {missing[:3]}")
                 values = {n: f.get_tensor(f"w{i}.{n}.values") for n in info["layers"]}
                 indices = {n: f.get_tensor(f"w{i}.{n}.indices") for n in info["layers"]}
+                masks = {n: f.get_tensor(f"w{i}.{n}.mask").bool() for n in info["layers"]} if masked else {}
                 motion = SparseMotion(values=values, indices=indices, frames=len(frames),
                                       latent_height=int(info["latent_height"]), latent_width=int(info["latent_width"]),
                                       layers=list(info["layers"]), timestep=int(info["timestep"]),
                                       top_k=int(info["top_k"]),
                                       model_fingerprint=str(info.get("model_fingerprint", "")),
-                                      format_version=WINDOWED_FORMAT_VERSION)
+                                      format_version=WINDOWED_FORMAT_VERSION, masks=masks)
                 check_positions(path, motion)
                 parts.append(MotionWindow(frames, motion))
         return WindowedMotion(parts, int(info["frames"]), {str(k): str(v) for k, v in info.get("context", {}).items()})

@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from motionclone.motion_core.context_windows import ContextWindowError, runs_frame_batch_windows, window_frames
 from motionclone.motion_core.extraction import extract_sparse_motion
@@ -15,6 +16,7 @@ from motionclone.motion_core.guided_sampling import GuidanceSettings, MotionGuid
 from motionclone.motion_core.injection import apply_motion_modules, install_processors
 from motionclone.motion_core.memory_estimate import peak_bytes
 from motionclone.motion_core.motion_module import load_motion_adapter
+from motionclone.motion_core.region_mask import normalize_mask, token_masks
 from motionclone.motion_core.sparse_motion import MotionMismatchError, SparseMotion
 from motionclone.motion_core.tiny_models import build_tiny_sd15_model, write_tiny_motion_module
 from motionclone.motion_core.windowed_motion import WindowedMotion, load_motion
@@ -57,11 +59,11 @@ def extract(model, frames: int):
     return extract_sparse_motion(model, reference(frames), torch.zeros(1, 7, 32), layers, seed=1)
 
 
-def sample(model, motion, frames: int, weight: float, steps: int = 6, guided: int = 4):
+def sample(model, motion, frames: int, weight: float, steps: int = 6, guided: int = 4, mask=None):
     import comfy.sample
 
     latent = torch.zeros(frames, 4, SIZE, SIZE)
-    guidance = MotionGuidance(motion, GuidanceSettings(weight, guided_steps=guided, warmup=1, cooldown=1))
+    guidance = MotionGuidance(motion, GuidanceSettings(weight, guided_steps=guided, warmup=1, cooldown=1), mask)
     context = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         out = comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, 1), steps, 8.5, "ddim",
@@ -132,6 +134,57 @@ def test_the_windowed_motion_file_keeps_its_windows(model, tmp_path):
     plain = extract(model, 8)
     plain.save(tmp_path / "plain.motion.safetensors")
     assert isinstance(load_motion(tmp_path / "plain.motion.safetensors"), SparseMotion)
+
+
+def test_region_masks_work_per_window_and_the_windowed_file_keeps_them(model, tmp_path, monkeypatch):
+    """A source region at extraction: each window keeps its frames' rows (the motion itself unchanged) and the file
+    keeps them (version 5). A per-frame target region at sampling: each window's correction lies in its frames'
+    part of it and nowhere else."""
+    long, frames = windowed(model), 20
+    left = torch.zeros(1, SIZE * 8, SIZE * 8)
+    left[..., : SIZE * 4] = 1.0
+    layers = select_layers(attention_layers_of(long), "up_blocks.1")
+    motion = extract_sparse_motion(long, reference(frames), torch.zeros(1, 7, 32), layers, seed=1, mask=left)
+    plain = extract(long, frames)
+    rows = token_masks(normalize_mask(left, frames, SIZE, SIZE), layers, SIZE, SIZE)
+    for w, p in zip(motion.windows, plain.windows, strict=True):
+        assert w.frames == p.frames
+        for name in layers:
+            assert torch.equal(w.motion.masks[name], rows[name][:, list(w.frames)])
+            assert torch.equal(w.motion.values[name], p.motion.values[name])
+    path = tmp_path / "long_region.motion.safetensors"
+    motion.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format_version"] == "5"
+    loaded = load_motion(path)
+    for a, b in zip(loaded.windows, motion.windows, strict=True):
+        assert all(torch.equal(a.motion.masks[k], b.motion.masks[k]) for k in layers)
+
+    applied = []
+    original = MotionGuidance._apply
+
+    def spy(self, out, grad, sigma, sigma_next, window, step):
+        applied.append((window, grad.clone()))
+        return original(self, out, grad, sigma, sigma_next, window, step)
+
+    monkeypatch.setattr(MotionGuidance, "_apply", spy)
+    _, guided = sample(long, loaded, frames, 10000.0)  # the MOTION's own region: the left half
+    assert len(applied) == 4 * len(motion.windows)
+    for _, g in applied:
+        assert torch.count_nonzero(g[..., SIZE // 2:]) == 0 and torch.count_nonzero(g[..., : SIZE // 2]) > 0
+    applied.clear()
+    # No source region; the target is the left half on frames 0-9 and the right half on frames 10-19.
+    target = torch.zeros(frames, SIZE * 8, SIZE * 8)
+    target[:10, :, : SIZE * 4] = 1.0
+    target[10:, :, SIZE * 4:] = 1.0
+    sample(long, plain, frames, 10000.0, mask=target)
+    assert len(applied) == 4 * len(motion.windows)
+    for window, g in applied:
+        assert g.shape[0] == len(window)
+        for frame, per_frame in zip(window, g, strict=True):
+            outside = per_frame[..., SIZE // 2:] if frame < 10 else per_frame[..., : SIZE // 2]
+            inside = per_frame[..., : SIZE // 2] if frame < 10 else per_frame[..., SIZE // 2:]
+            assert torch.count_nonzero(outside) == 0 and torch.count_nonzero(inside) > 0
 
 
 def test_a_host_whose_core_cannot_run_frame_windows_is_refused_clearly(model):
