@@ -403,8 +403,11 @@ def bench_reuse(args: argparse.Namespace) -> None:
 
 def bench_region(args: argparse.Namespace) -> None:
     """Region masks on the demo model (its reference clip, 16 frames): the left half's motion into the left half,
-    against no mask and no guidance. Per run: the motion loss restricted to each half at the last guided step,
-    and how far each half's attention at that step moved from the unguided run's (mean |P - P_unguided|)."""
+    against no mask and no guidance. Per run and seed: the motion loss restricted to each half, at the last guided
+    step and averaged over the guided steps, and how far each half's attention at the last guided step moved from
+    the unguided run's (mean |P - P_unguided|). A diagnostic run holds the right half's latent exactly on the
+    unguided run's path (its denoised prediction replaced by the unguided run's at every guided step): what is left
+    of the right half's attention drift there comes from the left half alone."""
     fe = _fidelity_eval(args)
     import comfy.sample
     import torch
@@ -432,51 +435,89 @@ def bench_region(args: argparse.Namespace) -> None:
     left = torch.zeros(1, lh * 8, lw * 8)
     left[:, :, : lw * 4] = 1.0
     halves = {"left": left, "right": 1.0 - left}
-    results: dict[str, dict] = {}
+    right_latent = 1.0 - torch.nn.functional.adaptive_avg_pool2d(left[:, None], (lh, lw))
+    names = ["unguided", "no mask", "left half", "left half + keep still", "left half, right held"]
+    # run -> {"last": {half: [per seed]}, "phase": {half: [...]}, "drift": {half: [...]}}
+    results: dict[str, dict] = {n: {k: {h: [] for h in halves} for k in ("last", "phase", "drift")} for n in names}
+    held_gap = 0.0
     for seed in args.seeds:
         full = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=s.timestep, seed=seed)
         masked = extract_sparse_motion(model, latents, empty[0][0], layers, timestep=s.timestep, seed=seed,
                                        mask=left)
         guides = {h: RegionGuide(full, normalize_mask(m, count, lh, lw)) for h, m in halves.items()}
         runs = {"unguided": (full, 0.0, 0.0), "no mask": (full, s.weight, 0.0), "left half": (masked, s.weight, 0.0),
-                "left half + keep still": (masked, s.weight, args.keep_still)}
-        last: dict[str, dict] = {}
+                "left half + keep still": (masked, s.weight, args.keep_still),
+                "left half, right held": (masked, s.weight, 0.0)}
+        maps: dict[str, list[dict]] = {}
+        unguided_denoised: list[torch.Tensor] = []
+        states: dict[str, list[torch.Tensor]] = {}
         for name, (motion, weight, still) in runs.items():
             guidance = MotionGuidance(motion, GuidanceSettings(weight, s.guided_steps, s.noisy_fraction, s.warmup,
                                                                s.cooldown, keep_still_weight=still))
             seen: list[dict] = []
             measure = guidance._loss
 
-            def spy(probs, m, measure=measure, seen=seen):
+            def spy(probs, m, region, measure=measure, seen=seen):
                 seen.append({k: v.detach().clone() for k, v in probs.items()})
-                return measure(probs, m)
+                return measure(probs, m, region)
 
             guidance._loss = spy  # the maps each guided step's loss sees, before its update
+            patched = guidance.patch(model)
+            calls = [0]
+
+            def post_cfg(a, name=name, calls=calls, unguided_denoised=unguided_denoised):
+                step, calls[0] = calls[0], calls[0] + 1
+                if name == "unguided":
+                    unguided_denoised.append(a["denoised"].detach().clone())
+                elif name.endswith("held") and step < s.guided_steps:
+                    m = right_latent.to(a["denoised"])
+                    return a["denoised"] * (1.0 - m) + unguided_denoised[step].to(a["denoised"]) * m
+                return a["denoised"]
+
+            patched.set_model_sampler_post_cfg_function(post_cfg)  # after the guidance's own update
             latent = torch.zeros_like(latents)
-            comfy.sample.sample(guidance.patch(model), comfy.sample.prepare_noise(latent, seed), s.steps, s.cfg,
-                                s.sampler, s.scheduler, positive, empty, latent, seed=seed, disable_pbar=True)
-            last[name] = seen[-1]
+            xs = states.setdefault(name, [])
+            comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, seed), s.steps, s.cfg, s.sampler,
+                                s.scheduler, positive, empty, latent, seed=seed, disable_pbar=True,
+                                callback=lambda step, x0, x, total, xs=xs: xs.append(x.detach().clone()))
+            maps[name] = seen
+        held, plain = states["left half, right held"], states["unguided"]
+        held_gap = max(held_gap, max(float(((a - b) * right_latent).abs().max())
+                                     for a, b in zip(held[: s.guided_steps], plain[: s.guided_steps], strict=True)))
         layer = full.layers[0]
-        for name, probs in last.items():
-            row = results.setdefault(name, {"loss": {h: [] for h in halves}, "drift": {h: [] for h in halves}})
+        for name, seen in maps.items():
             for h, guide in guides.items():
-                row["loss"][h].append(float(masked_motion_loss(probs, full, guide)))
-                rows = guide.rows[layer]
-                diff = (probs[layer] - last["unguided"][layer]).abs().mean(dim=(1, 3))  # [S, F]
-                row["drift"][h].append(float(diff[rows].mean()))
-        print(f"  seed {seed} done", flush=True)
+                curve = [float(masked_motion_loss(probs, full, guide)) for probs in seen]
+                results[name]["last"][h].append(curve[-1])
+                results[name]["phase"][h].append(float(np.mean(curve)))
+                diff = (seen[-1][layer] - maps["unguided"][-1][layer]).abs().mean(dim=(1, 3))  # [S, F]
+                results[name]["drift"][h].append(float(diff[guide.rows[layer]].mean()))
+        print(f"  seed {seed}: " + "; ".join(
+            f"{n} L {results[n]['last']['left'][-1]:.4f} R {results[n]['last']['right'][-1]:.4f}" for n in names[:3]),
+            flush=True)
     print(f"demo model, its reference clip ({args.frames} frames), seeds {args.seeds}; {s.steps} steps, "
-          f"{s.guided_steps} guided, weight {s.weight:g}; at the last guided step:")
+          f"{s.guided_steps} guided, weight {s.weight:g}; motion loss per half at the last guided step and (over the "
+          "guided steps), attention moved from the unguided run at the last guided step; means over the seeds:")
     mean = {n: {k: {h: float(np.mean(v)) for h, v in d.items()} for k, d in r.items()} for n, r in results.items()}
     for name, r in mean.items():
-        print(f"  {name:24s} motion loss left {r['loss']['left']:.4f} right {r['loss']['right']:.4f}   attention "
-              f"moved from unguided: left {r['drift']['left']:.4f} right {r['drift']['right']:.4f}")
-    drop_masked = mean["unguided"]["loss"]["left"] - mean["left half"]["loss"]["left"]
-    drop_full = mean["unguided"]["loss"]["left"] - mean["no mask"]["loss"]["left"]
-    print(f"region: left-half loss drop {drop_masked / drop_full:.2f}x of the unmasked run's, right-half attention "
-          f"moved {mean['left half']['drift']['right'] / mean['no mask']['drift']['right']:.2f}x as far as unmasked "
-          f"({mean['left half + keep still']['drift']['right'] / mean['no mask']['drift']['right']:.2f}x with keep "
-          "still)")
+        print(f"  {name:24s} loss left {r['last']['left']:.4f} ({r['phase']['left']:.4f}) right "
+              f"{r['last']['right']:.4f} ({r['phase']['right']:.4f})   attention moved: left {r['drift']['left']:.4f}"
+              f" right {r['drift']['right']:.4f}")
+
+    def drops(name: str, kind: str) -> np.ndarray:
+        return np.array(results["unguided"][kind]["left"]) - np.array(results[name][kind]["left"])
+
+    for kind, what in (("last", "at the last guided step"), ("phase", "over the guided steps")):
+        masked_drop, full_drop = drops("left half", kind), drops("no mask", kind)
+        print(f"region: left-half loss drop {what}: masked {masked_drop.mean():+.4f}, unmasked {full_drop.mean():+.4f}"
+              f" (mean over seeds; ratio {masked_drop.mean() / full_drop.mean():.2f}); per seed masked "
+              f"{np.round(masked_drop, 4).tolist()}, unmasked {np.round(full_drop, 4).tolist()}; the masked drop is "
+              f"the larger in {int((masked_drop > full_drop).sum())} of {len(args.seeds)} seeds")
+    drift = {n: mean[n]["drift"]["right"] for n in names[1:]}
+    print(f"region: right-half attention moved {drift['left half'] / drift['no mask']:.2f}x as far as unmasked "
+          f"({drift['left half + keep still'] / drift['no mask']:.2f}x with keep still; "
+          f"{drift['left half, right held'] / drift['no mask']:.2f}x with the right half's latent held on the unguided "
+          f"path, max |x - x_unguided| there {held_gap:.1e})")
 
 
 def main(argv: list[str]) -> None:
@@ -561,7 +602,7 @@ def main(argv: list[str]) -> None:
     w.add_argument("--threads", type=int, default=2)
     w.add_argument("--amf-frames", type=int, default=6, help="latent frames of the motion-flow cost measurement")
     m = sub.add_parser("region", help="demo model: region masks, the left half's motion into the left half")
-    m.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
+    m.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8])
     m.add_argument("--frames", type=int, default=16)
     m.add_argument("--keep-still", type=float, default=1000.0, help="keep_still_weight of the keep-still run")
     m.add_argument("--threads", type=int, default=1)
