@@ -87,12 +87,12 @@ def check_family(model, motion) -> None:
 def _wan_guidance(motion: WanMotion, samples, weight, guided_steps, noisy_fraction, gradient_every, mask,
                   keep_still_weight) -> WanMotionGuidance:
     """On Wan the weight is read as the Adam step size on the latent, in millionths (docs/wan.md)."""
-    if mask is not None or keep_still_weight:
-        raise ValueError("MotionClone on Wan: mask and keep_still_weight are not supported yet")
+    if keep_still_weight:
+        raise ValueError("MotionClone on Wan: keep_still_weight is not supported yet (a mask is): set it to 0")
     motion.check_compatible(samples.shape)
     return WanMotionGuidance(motion, WanGuidanceSettings(step_size=weight * WAN_STEP_PER_WEIGHT,
                                                          guided_steps=guided_steps, noisy_fraction=noisy_fraction,
-                                                         gradient_every=gradient_every))
+                                                         gradient_every=gradient_every), mask)
 
 
 def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guided_steps, noisy_fraction, warmup,
@@ -353,8 +353,8 @@ class MotionCloneUnevenSchedule(io.ComfyNode):
 def _extract_wan(model, timestep, seed, layers, vae, images, latent, positive, clip, image_condition,
                  mask, frame_pairs: int = 0, kv_injection: bool = False) -> WanMotion:
     """Extract Sparse Motion on a native Wan MODEL: the reference's attention motion flow (docs/wan.md)."""
-    if image_condition is not None or mask is not None:
-        raise ValueError("Extract Sparse Motion: image_condition and mask are not supported on Wan models yet")
+    if image_condition is not None:
+        raise ValueError("Extract Sparse Motion: image_condition is not supported on Wan models yet")
     if latent is not None:
         latents = latent["samples"]
     elif images is not None:
@@ -378,7 +378,7 @@ def _extract_wan(model, timestep, seed, layers, vae, images, latent, positive, c
     blocks = parse_blocks("auto" if layers.strip() == "up_blocks.1" else layers, len(blocks))
     return extract_wan_motion(model, latents, positive[0][0], blocks, sigma=timestep / 1000.0, seed=seed,
                               pair_span=frame_pairs or None, model_fingerprint=wan_fingerprint(model),
-                              kv_injection=bool(kv_injection))
+                              kv_injection=bool(kv_injection), mask=mask)
 
 
 class SaveMotion(io.ComfyNode):

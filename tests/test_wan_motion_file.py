@@ -141,8 +141,10 @@ def test_bad_wan_references_are_refused_clearly(wan):
         _extract(wan, latent=None, images=torch.rand(17, 64, 96, 3), vae=ImageVae())
     with pytest.raises(ValueError, match="at least 2 latent frames"):
         _extract(wan, latent={"samples": torch.zeros(1, 16, 1, 8, 12)})
-    with pytest.raises(ValueError, match="not supported on Wan"):
-        _extract(wan, mask=torch.ones(1, 64, 96))
+    with pytest.raises(ValueError, match="image_condition is not supported on Wan"):
+        _extract(wan, image_condition=[[torch.zeros(1, 7, 32), {}]])
+    with pytest.raises(ValueError, match="the reference mask has 4 frames but the Wan video has 9 \\(3 latent"):
+        _extract(wan, mask=torch.ones(4, 64, 96))
     motion = _extract(wan)
     with pytest.raises(MotionMismatchError, match="9-frame 64x96 Wan video"):
         motion.check_compatible((1, 16, 5, 8, 12))

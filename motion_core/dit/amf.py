@@ -171,7 +171,10 @@ def amf_loss(generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tenso
     reference = reference.to(device=generated.device, dtype=generated.dtype)
     if mask is None:
         mask = motion_mask(reference)
-    mask = mask.to(generated.device).expand(generated.shape[:-1])
+    mask = mask.to(generated.device)
+    if mask.is_inference() and not torch.is_inference_mode_enabled():  # e.g. a region made under ComfyUI's
+        mask = mask.clone()  # inference mode: a normal copy, which autograd may save
+    mask = mask.expand(generated.shape[:-1])
     squared = (generated - reference).square().sum(dim=-1)
     total = torch.where(mask, squared, torch.zeros_like(squared)).sum()
     return total / (2 * mask.sum().clamp(min=1))

@@ -33,6 +33,7 @@ from .amf import amf_loss, soft_amf
 from .wan_capture import capture_qk, differentiable_kernels
 from .wan_injection import active, injection_patches, record_reference_kv
 from .wan_motion import WanMotion, wan_diffusion_model
+from .wan_region import WanRegion, latent_frame_masks
 
 WRAPPER_KEY = "motionclone_wan_guidance"
 DITFLOW_STEP_SIZE = 0.002  # DiTFlow's learning rate at the first guided step
@@ -105,9 +106,16 @@ def with_checkpointed_blocks(diffusion_model: torch.nn.Module, transformer_optio
 class WanMotionGuidance:
     """Wan guidance for one sampling run; `patch(model)` returns a clone carrying the sampler wrapper."""
 
-    def __init__(self, motion: WanMotion, settings: WanGuidanceSettings) -> None:
+    def __init__(self, motion: WanMotion, settings: WanGuidanceSettings, mask: torch.Tensor | None = None) -> None:
+        """`mask`: optional target region (a ComfyUI MASK, one or one per video frame; wan_region.py)."""
         self.motion = motion
         self.settings = settings
+        target = latent_frame_masks(mask, motion.latent_shape, "sampler's mask")
+        self.region = (WanRegion(motion.region, target, motion.grid, motion.latent_shape)
+                       if target is not None or motion.region is not None else None)
+        # Per block: (the reference displacements each token follows, the counted entries or None for DiTFlow's).
+        self.references = {b: self.region.reference(motion.flows[b], motion.pairs) if self.region is not None
+                           else (motion.flows[b], None) for b in motion.blocks}
         self.losses: list[tuple[int, int, float]] = []  # (guided step, iteration, loss before that iteration)
 
     # --- the loss (also used to measure any latent, e.g. an unguided run's) ----------------------
@@ -137,7 +145,8 @@ class WanMotionGuidance:
             state = capture_qk(diffusion_model, xin, timestep, context, block, stop_after=True,
                                transformer_options=options)
             flow = soft_amf(state.q, state.k, self.motion.grid, self.motion.pairs, tau=self.motion.tau)
-            total = total + amf_loss(flow, self.motion.flows[block])
+            reference, counted = self.references[block]
+            total = total + amf_loss(flow, reference, counted)
         return total / len(self.motion.blocks)
 
     def _optimise(self, model, x: torch.Tensor, sigma: float, context: torch.Tensor, step: int, guided: int,
@@ -154,12 +163,18 @@ class WanMotionGuidance:
                     adam.zero_grad(set_to_none=True)
                     loss = self.motion_loss(model, leaf, sigma, context, transformer_options)
                     loss.backward()
+                    if self.region is not None:  # Adam moves only where the region is
+                        leaf.grad.mul_(self.region.support().to(leaf.device))
                     cached = leaf.grad.detach().clone()
                     self.losses.append((step, it, float(loss.detach())))
                 else:  # FastVMT's reuse: Adam steps again on the last computed gradient
                     leaf.grad = cached.clone()
                 adam.step()
-            return leaf.detach().to(x.dtype)
+            out = leaf.detach()
+            if self.region is not None:  # the region's soft edges; exactly x outside
+                base = x.detach().to(torch.float32)
+                out = base + self.region.restrict(out - base)
+            return out.to(x.dtype)
 
     # --- the sampler wrapper ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ memory is a few [HW, HW] blocks. What is kept: int16 displacements [pairs, HW, 2
 
 The file is the pack's MOTION safetensors (same format tag) with format version 4 and a `family`
 ("wan2.1"): Load Motion tells the families apart, and a MOTION of one family refuses the other's model.
+With a source region (wan_region.py) the file also holds `region` (uint8 [h * w, T']).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class WanMotion:
     # The reference LATENT [1, C, T', H', W'] (as given, before the latent format) when the guidance is to inject
     # its keys and values (wan_injection.py, DiTFlow's reference-content option); None: no injection.
     injection_latent: torch.Tensor | None = None
+    # The reference's region (wan_region.py): bool [h * w, T'], the tokens whose motion was kept; None: all.
+    region: torch.Tensor | None = None
     family: ClassVar[str] = WAN_FAMILY
 
     def __post_init__(self) -> None:
@@ -121,6 +124,11 @@ class WanMotion:
                                                   tuple(self.injection_latent.shape[-3:]) != self.latent_shape):
             raise ValueError(f"the injection latent must be [1, C, {', '.join(map(str, self.latent_shape))}], got "
                              f"{tuple(self.injection_latent.shape)}")
+        if self.region is not None:
+            self.region = self.region.bool()
+            if tuple(self.region.shape) != (h * w, frames) or not bool(self.region.any(dim=0).all()):
+                raise ValueError(f"the region must be bool [{h * w}, {frames}] with a token on every latent frame, got "
+                                 f"{tuple(self.region.shape)}")
 
     @property
     def blocks(self) -> list[int]:
@@ -150,6 +158,8 @@ class WanMotion:
         tensors = {f"block{b}.flow": self.flows[b].detach().cpu().contiguous() for b in self.blocks}
         if self.injection_latent is not None:
             tensors["injection_latent"] = self.injection_latent.detach().float().cpu().contiguous()
+        if self.region is not None:
+            tensors["region"] = self.region.detach().cpu().to(torch.uint8).contiguous()
         info = {"family": self.family, "blocks": self.blocks, "pairs": self.pairs, "grid": list(self.grid),
                 "latent_shape": list(self.latent_shape), "sigma": self.sigma, "tau": self.tau,
                 "model_fingerprint": self.model_fingerprint, "extra": self.extra}
@@ -170,6 +180,7 @@ class WanMotion:
                     raise MotionFileError(f"{path}: Wan motion file lacks tensors {missing}")
                 flows = {int(b): f.get_tensor(f"block{b}.flow") for b in info["blocks"]}
                 injection = f.get_tensor("injection_latent") if "injection_latent" in keys else None
+                region = f.get_tensor("region").bool() if "region" in keys else None
         except MotionFileError:
             raise
         except SafetensorError as e:
@@ -182,7 +193,8 @@ class WanMotion:
                        latent_shape=tuple(info["latent_shape"]), sigma=float(info["sigma"]),
                        tau=float(info.get("tau", DITFLOW_TAU)),
                        model_fingerprint=str(info.get("model_fingerprint", "")),
-                       extra={str(k): str(v) for k, v in info.get("extra", {}).items()}, injection_latent=injection)
+                       extra={str(k): str(v) for k, v in info.get("extra", {}).items()}, injection_latent=injection,
+                       region=region)
         except (KeyError, ValueError, TypeError) as e:
             raise MotionFileError(f"{path}: invalid Wan motion file: {e}") from e
 
@@ -202,6 +214,7 @@ def extract_wan_motion(
     pair_span: int | None = None,
     model_fingerprint: str = "",
     kv_injection: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> WanMotion:
     """The reference motion of a Wan latent [1, 16, T', H', W'] (as a LATENT holds it, before the latent format).
 
@@ -209,10 +222,13 @@ def extract_wan_motion(
     the reference's noise level (0: DiTFlow's clean reference). pair_span None: all T'^2 frame pairs
     (DiTFlow); k: FastVMT's forward pairs j - i < k. One stopped forward per block, no autograd.
     kv_injection: the MOTION keeps the reference latent, and the guidance injects its block-0 keys and values
-    on the guided steps (wan_injection.py).
+    on the guided steps (wan_injection.py). mask: an optional source region (a ComfyUI MASK, one or one per video
+    frame; wan_region.py): only its tokens' motion is followed.
     """
     import comfy.model_management
     import comfy.sample
+
+    from .wan_region import latent_frame_masks, wan_token_mask
 
     diffusion_model = wan_diffusion_model(model)
     if diffusion_model is None:
@@ -221,6 +237,7 @@ def extract_wan_motion(
         raise ValueError(f"a Wan reference latent is [1, C, T', H', W'], got {tuple(latent.shape)}")
     if not 0.0 <= sigma < 1.0 or not math.isfinite(sigma):
         raise ValueError(f"the reference noise level sigma must be in [0, 1), got {sigma}")
+    region_masks = latent_frame_masks(mask, tuple(latent.shape[-3:]), "reference mask")
     comfy.model_management.load_models_gpu([model])
     base = model.model
     device, dtype = model.load_device, base.get_dtype()
@@ -234,6 +251,7 @@ def extract_wan_motion(
         options = dict(model.model_options.get("transformer_options", {}))
         grid = token_grid(diffusion_model, x.shape)
         pairs = frame_pairs(grid[0], pair_span)
+        region = wan_token_mask(region_masks, grid, "reference mask") if region_masks is not None else None
         flows = {}
         for block in blocks:
             state = capture_qk(diffusion_model, x.to(dtype), timestep.to(dtype), context[:1].to(device, dtype), block,
@@ -241,4 +259,5 @@ def extract_wan_motion(
             flows[block] = argmax_amf(state.q[:1], state.k[:1], grid, pairs)[0].cpu()
     return WanMotion(flows=flows, pairs=pairs, grid=grid, latent_shape=tuple(latent.shape[-3:]), sigma=float(sigma),
                      model_fingerprint=model_fingerprint, extra={"pair_span": str(pair_span or "all")},
-                     injection_latent=latent.detach().float().cpu().clone() if kv_injection else None)
+                     injection_latent=latent.detach().float().cpu().clone() if kv_injection else None,
+                     region=region)
