@@ -87,12 +87,12 @@ def check_family(model, motion) -> None:
 def _wan_guidance(motion: WanMotion, samples, weight, guided_steps, noisy_fraction, gradient_every, mask,
                   keep_still_weight) -> WanMotionGuidance:
     """On Wan the weight is read as the Adam step size on the latent, in millionths (docs/wan.md)."""
-    if keep_still_weight:
-        raise ValueError("MotionClone on Wan: keep_still_weight is not supported yet (a mask is): set it to 0")
     motion.check_compatible(samples.shape)
+    # keep_still_weight is on guidance_weight's scale: relative to it, the still loss's weight in the objective.
+    keep_still = keep_still_weight / weight if weight > 0 else 0.0
     return WanMotionGuidance(motion, WanGuidanceSettings(step_size=weight * WAN_STEP_PER_WEIGHT,
                                                          guided_steps=guided_steps, noisy_fraction=noisy_fraction,
-                                                         gradient_every=gradient_every), mask)
+                                                         gradient_every=gradient_every, keep_still=keep_still), mask)
 
 
 def _guidance(model, latent, motion: SparseMotion | WindowedMotion, weight, guided_steps, noisy_fraction, warmup,

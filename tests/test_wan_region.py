@@ -111,11 +111,38 @@ def test_an_all_ones_mask_samples_bit_identically_to_no_mask_and_a_region_run_is
                                            **args).result[0]["samples"]
         region = MotionGuidedSampler.execute(wan, latent_image=latent, motion=motion, mask=left(),
                                              **args).result[0]["samples"]
+        still = MotionGuidedSampler.execute(wan, latent_image=latent, motion=motion, mask=left(),
+                                            keep_still_weight=50000.0, **args).result[0]["samples"]
     assert torch.equal(plain, ones)
     assert torch.isfinite(region).all() and not torch.equal(region, plain)
-    with pytest.raises(ValueError, match="keep_still_weight is not supported yet"):
-        MotionGuidedSampler.execute(wan, latent_image=latent, motion=motion, mask=left(), keep_still_weight=10.0,
-                                    **args)
+    assert torch.isfinite(still).all() and not torch.equal(still, region)
+    with pytest.raises(RegionMaskError, match="keep_still_weight needs a region"):
+        MotionGuidedSampler.execute(wan, latent_image=latent, motion=motion, keep_still_weight=10.0, **args)
+
+
+def test_keep_still_holds_the_tokens_outside_the_region_toward_no_motion(wan):
+    """From the same latent, one guided step with keep-still ends with less displacement outside the region (the
+    keep-still loss) than without; its gradient also moves the latent outside the region."""
+    motion = _extract(wan)
+    x = torch.randn(*LATENT, generator=torch.Generator().manual_seed(3))
+    context = _cond(3)[0][0]
+    still = WanMotionGuidance(motion, WanGuidanceSettings(step_size=0.05, iterations=5, keep_still=4.0), left())
+    free = WanMotionGuidance(motion, WanGuidanceSettings(step_size=0.05, iterations=5), left())
+    cols = torch.arange(24) % 6
+    entries = still.still
+    assert entries[:, cols < 3].sum() == 0 and bool(entries[:, cols >= 3].any())
+    assert all(not entries[p].any() for p, (i, j) in enumerate(motion.pairs) if i == j)
+    with torch.no_grad():
+        held, moved = (g._optimise(wan.model, x, 0.9, context, 0, 1, {}) for g in (still, free))
+        before = float(still.losses_of(wan.model, x, 0.9, context)[1])
+        after_held = float(still.losses_of(wan.model, held, 0.9, context)[1])
+        after_free = float(still.losses_of(wan.model, moved, 0.9, context)[1])
+    print(f"Wan keep-still loss outside the region: start {before:.4f}, one step with keep-still {after_held:.4f}, "
+          f"without {after_free:.4f}")
+    assert after_held < after_free and after_held < before
+    assert torch.count_nonzero((held - x)[..., 6:]) > 0 and torch.count_nonzero((moved - x)[..., 6:]) == 0
+    with pytest.raises(RegionMaskError, match="keep_still_weight needs a region"):
+        WanMotionGuidance(motion, WanGuidanceSettings(keep_still=1.0))
 
 
 def test_guidance_lowers_the_region_loss(wan):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -560,9 +561,9 @@ def test_wan_workflow_guidance_lowers_the_motion_loss_in_the_server(server):
 def test_wan_region_masks_run_in_the_server(server):
     """The shipped Wan graph with a region from core mask nodes (Solid Mask + Mask Composite: the left half) on
     Extract Sparse Motion and on the sampler, in the server (inference mode): the region's loss per guided step,
-    guided vs weight 0 from the same seed."""
+    guided vs weight 0 from the same seed; and a run with keep-still (inference-mode masks in its loss too)."""
     curves = {}
-    for weight in (50000.0, 0.0):
+    for weight, still in ((50000.0, 0.0), (0.0, 0.0), (50000.0, 50000.0)):
         prompt = tiny_prompt(_api_of("motionclone_wan_t2v"))
         prompt["90"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
         prompt["91"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": SIZE // 2, "height": SIZE}}
@@ -571,13 +572,15 @@ def test_wan_region_masks_run_in_the_server(server):
         for kind in ("ExtractSparseMotion", "MotionGuidedSampler"):
             (node,) = [k for k, v in prompt.items() if v["class_type"] == kind]
             prompt[node]["inputs"]["mask"] = ["92", 0]
-        prompt[node]["inputs"]["guidance_weight"] = weight
+        prompt[node]["inputs"].update(guidance_weight=weight, keep_still_weight=still)
         result = server.wait(server.queue(prompt), RUN_BOUND_S)
         assert result.ok, f"{result.failure_report()}\n{server.log_tail()}"
-        curves[weight] = [e["loss"] for e in result.history["outputs"][node]["motion_loss"]]
-    guided, unguided = curves[50000.0], curves[0.0]
+        curves[weight, still] = [e["loss"] for e in result.history["outputs"][node]["motion_loss"]]
+    guided, unguided, held = curves[50000.0, 0.0], curves[0.0, 0.0], curves[50000.0, 50000.0]
     print("Wan region in the server, the region's motion loss per guided step: guided",
-          [f"{v:.3f}" for v in guided], "unguided", [f"{v:.3f}" for v in unguided])
+          [f"{v:.3f}" for v in guided], "unguided", [f"{v:.3f}" for v in unguided], "with keep-still",
+          [f"{v:.3f}" for v in held])
+    assert len(held) == GUIDED and all(math.isfinite(v) for v in held)
     assert len(guided) == len(unguided) == GUIDED
     assert guided[0] == pytest.approx(unguided[0], rel=1e-4)
     assert all(g < u for g, u in zip(guided[1:], unguided[1:], strict=True))

@@ -29,6 +29,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..inference_tensors import normal_tensors_for_grad
+from ..region_mask import RegionMaskError
 from .amf import amf_loss, soft_amf
 from .wan_capture import capture_qk, differentiable_kernels
 from .wan_injection import active, injection_patches, record_reference_kv
@@ -48,10 +49,13 @@ class WanGuidanceSettings:
     guided_steps: int = 0  # 0: the steps whose unshifted time is above 1 - noisy_fraction
     noisy_fraction: float = DITFLOW_FRACTION
     gradient_every: int = 1
+    keep_still: float = 0.0  # with a region: weight of the still loss outside it, relative to the motion loss
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.step_size) and self.step_size >= 0):
             raise ValueError(f"Wan guidance step size must be finite and >= 0, got {self.step_size}")
+        if not (math.isfinite(self.keep_still) and self.keep_still >= 0):
+            raise ValueError(f"keep_still must be finite and >= 0, got {self.keep_still}")
         if self.iterations < 1 or self.gradient_every < 1 or self.guided_steps < 0:
             raise ValueError("iterations and gradient_every must be >= 1, guided_steps >= 0")
         if not 0 < self.noisy_fraction <= 1:
@@ -116,6 +120,11 @@ class WanMotionGuidance:
         # Per block: (the reference displacements each token follows, the counted entries or None for DiTFlow's).
         self.references = {b: self.region.reference(motion.flows[b], motion.pairs) if self.region is not None
                            else (motion.flows[b], None) for b in motion.blocks}
+        if settings.keep_still > 0 and self.region is None:
+            raise RegionMaskError("keep_still_weight needs a region (a mask on the sampler or on Extract Sparse "
+                                  "Motion): outside it the video is kept still")
+        # Keep still: the tokens outside the region, toward no displacement to any other frame.
+        self.still = self.region.still(motion.pairs) if settings.keep_still > 0 else None
         self.losses: list[tuple[int, int, float]] = []  # (guided step, iteration, loss before that iteration)
 
     # --- the loss (also used to measure any latent, e.g. an unguided run's) ----------------------
@@ -125,6 +134,12 @@ class WanMotionGuidance:
         """AMF loss of sampler state x [B, 16, T', H', W'] at `sigma`, averaged over the MOTION's blocks (a graph
         to x when grad is on). `model`: the MODEL's BaseModel (model_base.WAN21). `checkpointing` (with grad):
         the blocks before a guided one keep only their inputs and are recomputed in backward."""
+        return self.losses_of(model, x, sigma, context, transformer_options, checkpointing)[0]
+
+    def losses_of(self, model, x: torch.Tensor, sigma: float, context: torch.Tensor,
+                  transformer_options: dict | None = None,
+                  checkpointing: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the motion loss, the keep-still loss or None without keep-still) from the same forwards."""
         diffusion_model = model.diffusion_model
         sampling = model.model_sampling
         dtype = model.get_dtype()
@@ -138,6 +153,7 @@ class WanMotionGuidance:
         if context.shape[0] != x.shape[0]:
             context = context[:1].expand(x.shape[0], *context.shape[1:])
         total = x.new_zeros(())
+        still = None if self.still is None else x.new_zeros(())
         for block in self.motion.blocks:
             options = transformer_options
             if checkpointing and torch.is_grad_enabled():
@@ -147,7 +163,10 @@ class WanMotionGuidance:
             flow = soft_amf(state.q, state.k, self.motion.grid, self.motion.pairs, tau=self.motion.tau)
             reference, counted = self.references[block]
             total = total + amf_loss(flow, reference, counted)
-        return total / len(self.motion.blocks)
+            if still is not None:
+                still = still + amf_loss(flow, torch.zeros(flow.shape[1:], dtype=torch.int16), self.still)
+        blocks = len(self.motion.blocks)
+        return total / blocks, None if still is None else still / blocks
 
     def _optimise(self, model, x: torch.Tensor, sigma: float, context: torch.Tensor, step: int, guided: int,
                   transformer_options: dict) -> torch.Tensor:
@@ -161,17 +180,20 @@ class WanMotionGuidance:
             for it in range(self.settings.iterations):
                 if it % self.settings.gradient_every == 0:
                     adam.zero_grad(set_to_none=True)
-                    loss = self.motion_loss(model, leaf, sigma, context, transformer_options)
-                    loss.backward()
-                    if self.region is not None:  # Adam moves only where the region is
-                        leaf.grad.mul_(self.region.support().to(leaf.device))
+                    loss, still = self.losses_of(model, leaf, sigma, context, transformer_options)
+                    (grad,) = torch.autograd.grad(loss, leaf, retain_graph=still is not None)
+                    if self.region is not None:  # the motion moves the latent only where the region is
+                        grad = grad * self.region.support().to(leaf.device)
+                    if still is not None:  # keep-still acts outside the region, wherever its gradient goes
+                        grad = grad + torch.autograd.grad(still * self.settings.keep_still, leaf)[0]
+                    leaf.grad = grad
                     cached = leaf.grad.detach().clone()
                     self.losses.append((step, it, float(loss.detach())))
                 else:  # FastVMT's reuse: Adam steps again on the last computed gradient
                     leaf.grad = cached.clone()
                 adam.step()
             out = leaf.detach()
-            if self.region is not None:  # the region's soft edges; exactly x outside
+            if self.region is not None and self.still is None:  # the region's soft edges; exactly x outside
                 base = x.detach().to(torch.float32)
                 out = base + self.region.restrict(out - base)
             return out.to(x.dtype)

@@ -14,6 +14,9 @@ The SD rules (region_mask.py) carried over to Wan's token grid (F', h, w) (patch
 * **Where the latent moves.** The optimisation's gradient is kept only where the region is (its support),
   and each guided step's change of the latent is multiplied by the region at latent resolution (soft
   edges; exactly zero outside).
+* **Keep still** (optional): the tokens outside the target region are pulled toward no displacement to
+  the other frames (the motion flow of a still video), with its own weight; that gradient is applied
+  wherever it goes, as on SD.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class WanRegion:
         if target is None:
             raise ValueError("a Wan region needs a source or a target mask")
         self.grid = grid
+        self.target = target  # bool [HW, T']
         self.positions = source_positions(source if target_masks is not None else None, target, grid[1:])
         self.rows = target if source is None else target & torch.gather(source, 0, self.positions)
         if not bool(self.rows.any()):
@@ -89,6 +93,13 @@ class WanRegion:
         followed = torch.gather(flow, 1, positions[..., None].expand(-1, -1, 2))
         counted = self.rows.T[query] & motion_mask(followed)
         return followed, counted
+
+    def still(self, pairs: Pairs) -> torch.Tensor:
+        """bool [P, HW]: the entries of the keep-still loss, the tokens outside the target region of each pair's
+        query frame, toward another frame (a frame with itself has no displacement to hold)."""
+        query = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        other = torch.tensor([i != j for i, j in pairs])
+        return ~self.target.T[query] & other[:, None]
 
     def restrict(self, change: torch.Tensor) -> torch.Tensor:
         """A change of the latent [B, C, T', H', W'] kept inside the region (soft edges, zero outside)."""
