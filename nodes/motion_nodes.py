@@ -60,8 +60,9 @@ def _guidance_inputs() -> list:
                               "positions under it are guided; a MOTION extracted with a mask is mapped onto this "
                               "region by bounding boxes. Unconnected: the MOTION's own region, else the whole frame."),
         io.Float.Input("keep_still_weight", default=0.0, min=0.0, max=1e6, step=10.0, optional=True,
-                       tooltip="With a region: pulls the positions outside it toward still video (each frame "
-                               "attending to itself), with this weight (like guidance_weight). 0 = off.",
+                       tooltip="With a region: pulls the positions outside it toward still video (SD: each frame "
+                               "attending to itself; Wan: no motion flow), with this weight (like guidance_weight). "
+                               "0 = off.",
                        **advanced(io.Float.Input)),
         io.Combo.Input("memory_mode", options=list(MEMORY_MODES), default="auto", optional=True,
                        tooltip="SD1.5/AnimateDiff: what a guided step's gradient keeps. lean: recompute each layer "
