@@ -174,11 +174,9 @@ class MotionGuidance:
         if mask is not None or any(part.masks for _, part in parts):
             target = normalize_mask(mask, motion.frames, motion.latent_height, motion.latent_width, "sampler's mask")
             for frames, part in parts:
-                # A window's target is its frames' part of the mask; a part that is all ones is no mask, as a whole
-                # mask that is all ones is.
-                part_target = target if target is None or frames is None else target[list(frames)]
-                if part_target is not None and bool((part_target >= 1.0).all()):
-                    part_target = None
+                # A window's target is its frames' part of the mask, a mask like any other (all ones: no mask).
+                part_target = target if target is None or frames is None else normalize_mask(
+                    target[list(frames)], len(frames), motion.latent_height, motion.latent_width, "sampler's mask")
                 region = RegionGuide(part, part_target)
                 self.regions[frames] = region if region.active else None
         if settings.keep_still_weight > 0 and not any(self.regions.values()):

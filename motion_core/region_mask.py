@@ -132,6 +132,23 @@ def source_positions(source: torch.Tensor | None, target: torch.Tensor, grid: tu
     return out
 
 
+def counted_rows(source: torch.Tensor | None, target: torch.Tensor, grid: tuple[int, int], align: bool,
+                 where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(long [S, F] source position of each target row, bool [S, F] rows a masked loss counts) for a target
+    region and an optional source region on one token grid. `align`: map the target's bounding box onto the
+    source's (`source_positions`; else each row takes its own position). A row counts where it is in the target
+    and its source position in the source region; refuses a target that counts no row (the loss would be 0 / 0).
+    `where` prefixes the message (e.g. the layer)."""
+    positions = source_positions(source if align else None, target, grid)
+    rows = target if source is None else target & torch.gather(source, 0, positions)
+    if not bool(rows.any()):
+        raise RegionMaskError(
+            f"{where}every position of the target mask maps onto a position the reference mask left out (the two "
+            "regions are aligned by their bounding boxes, and the reference region does not fill its box where the "
+            "target region lies): use a filled reference mask or another target mask")
+    return positions, rows
+
+
 def latent_region(mask: torch.Tensor | None, rows: torch.Tensor, grid: tuple[int, int], latent_height: int,
                   latent_width: int) -> torch.Tensor:
     """[F, 1, h, w] in 0..1: the target region at the latent's resolution. From the pixel mask when there is one
@@ -165,14 +182,7 @@ class RegionGuide:
             tgt = targets[name] if targets is not None else src
             if tgt is None:
                 continue
-            pos = source_positions(src if targets is not None else None, tgt, grid)
-            rows = tgt if src is None else tgt & torch.gather(src, 0, pos)
-            if not bool(rows.any()):  # else the loss would be 0 / 0
-                raise RegionMaskError(
-                    f"at layer {name} every position of the target mask maps onto a position the reference mask "
-                    "left out (the two regions are aligned by their bounding boxes, and the reference region does "
-                    "not fill its box where the target region lies): use a filled reference mask or another "
-                    "target mask")
+            pos, rows = counted_rows(src, tgt, grid, align=targets is not None, where=f"at layer {name} ")
             self.rows[name], self.source[name], self.outside[name] = rows, pos, ~tgt
             if self.latent is None:
                 self.latent = latent_region(target_mask, tgt, grid, motion.latent_height, motion.latent_width)

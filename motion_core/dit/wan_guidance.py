@@ -164,7 +164,7 @@ class WanMotionGuidance:
             reference, counted = self.references[block]
             total = total + amf_loss(flow, reference, counted)
             if still is not None:
-                still = still + amf_loss(flow, torch.zeros(flow.shape[1:], dtype=torch.int16), self.still)
+                still = still + amf_loss(flow, flow.new_zeros(flow.shape[1:]), self.still)
         blocks = len(self.motion.blocks)
         return total / blocks, None if still is None else still / blocks
 

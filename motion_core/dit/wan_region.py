@@ -22,9 +22,8 @@ The SD rules (region_mask.py) carried over to Wan's token grid (F', h, w) (patch
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..region_mask import RegionMaskError, normalize_mask, source_positions, token_mask
+from ..region_mask import RegionMaskError, counted_rows, latent_region, normalize_mask, token_mask
 from .amf import Grid, Pairs, motion_mask
 from .wan_motion import TEMPORAL_STRIDE
 
@@ -71,19 +70,9 @@ class WanRegion:
             raise ValueError("a Wan region needs a source or a target mask")
         self.grid = grid
         self.target = target  # bool [HW, T']
-        self.positions = source_positions(source if target_masks is not None else None, target, grid[1:])
-        self.rows = target if source is None else target & torch.gather(source, 0, self.positions)
-        if not bool(self.rows.any()):
-            raise RegionMaskError("every token of the target mask maps onto a token the reference mask left out (the "
-                                  "regions are aligned by their bounding boxes): use a filled reference mask or "
-                                  "another target mask")
-        frames, height, width = latent_shape
-        if target_masks is not None:  # soft edges from the pixel mask: the mean over each latent pixel's block
-            latent = F.adaptive_avg_pool2d(target_masks[:, None], (height, width))[:, 0]
-        else:  # from the token rows: each token's 2 x 2 latent pixels
-            cells = target.T.reshape(frames, 1, grid[1], grid[2]).float()
-            latent = F.interpolate(cells, size=(height, width), mode="nearest")[:, 0]
-        self.latent = latent.contiguous()  # [T', H', W'] in 0..1
+        self.positions, self.rows = counted_rows(source, target, grid[1:], align=target_masks is not None)
+        # [T', H', W'] in 0..1: soft edges from the pixel mask, else each token's 2 x 2 latent pixels
+        self.latent = latent_region(target_masks, target, grid[1:], *latent_shape[1:])[:, 0].contiguous()
 
     def reference(self, flow: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """(displacements [P, HW, 2] each generated token follows, bool [P, HW] entries the loss counts) for a
